@@ -1,0 +1,285 @@
+"""Typed settings for the service, loaded once at start-up by `load()` and validated.
+
+Each key is looked up in four places, and a later one wins:
+
+1. the defaults written in the dataclasses below;
+2. `config.toml`: the file passed as `config_path`, else the one named by `AIOQUEUE_CONFIG`,
+   else `./config.toml` if the current directory has one. Keys sit in their section
+   (`[http]` / `port = 8080`), except `app`, which is top-level;
+3. environment variables `AIOQUEUE_<SECTION>__<KEY>` (`AIOQUEUE_HTTP__PORT=8080`; `AIOQUEUE_APP`
+   for `app`), parsed from text;
+4. `overrides`: dotted keys (`"http.port"`) with values from command-line flags.
+
+Each value is checked where it is read. An unknown key or section, an unknown `AIOQUEUE_*`
+variable, a value of the wrong type or out of range all raise `ConfigError`, whose message is one
+line naming the key, the value, where it came from and what was expected.
+"""
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import Field, dataclass, field, fields, is_dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from aioqueue.errors import ConfigError
+
+_PREFIX = "AIOQUEUE_"
+_CONFIG_VAR = "AIOQUEUE_CONFIG"
+_Ok = Callable[[Any], bool | str]  # True, or False (the value is not `expected`), or a message
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    kind: type  # int, float or str: what the value must be once parsed
+    expected: str  # what a good value looks like
+    ok: _Ok
+    optional: bool = False  # "" means unset (None)
+
+
+def _key(default: Any, kind: type, expected: str, ok: _Ok = bool, optional: bool = False) -> Any:
+    """A dataclass field with its rule; `ok=bool` accepts any non-empty string."""
+    return field(default=default, metadata={"rule": _Rule(kind, expected, ok, optional)})
+
+
+def _int(default: int, lo: int, hi: int | None = None) -> Any:
+    if hi is None:
+        return _key(default, int, f"expected an integer >= {lo}", lambda v: v >= lo)
+    return _key(default, int, f"expected an integer from {lo} to {hi}", lambda v: lo <= v <= hi)
+
+
+def _float(default: float, lo: float, above: bool = False) -> Any:
+    if above:
+        return _key(default, float, f"expected a number > {lo:g}", lambda v: v > lo)
+    return _key(default, float, f"expected a number >= {lo:g}", lambda v: v >= lo)
+
+
+def _pattern(default: str | None, pattern: str, expected: str, *, optional: bool = False) -> Any:
+    return _key(default, str, expected, lambda v: bool(re.fullmatch(pattern, v)), optional)
+
+
+def _broker_url_ok(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return False
+    if parts.scheme == "memory":
+        return url == "memory://"
+    return parts.scheme in ("amqp", "amqps") and bool(parts.hostname)
+
+
+def _auth_mode_ok(mode: str) -> bool | str:
+    if mode in ("token", "jwt"):
+        return f"auth mode {mode!r} is not built yet; use 'none'"
+    return mode == "none"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    host: str = _key("127.0.0.1", str, "expected a non-empty host name", bool)
+    port: int = _int(8080, 0, 65535)  # 0: any free port
+    max_body_bytes: int = _int(1048576, 1024)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    url: str = _key(
+        "memory://",
+        str,
+        "expected 'memory://' or an amqp:// or amqps:// URL with a host",
+        _broker_url_ok,
+    )
+    prefetch: int = _int(32, 1, 65535)  # concurrent jobs per queue per process
+    confirm_timeout: float = _float(5.0, 0, above=True)  # seconds to wait for a confirm, then 503
+    delivery_limit: int = _int(5, 1, 1000)  # x-delivery-limit of the job queues
+    prefix: str = _pattern("aioqueue", r"[A-Za-z0-9_-]{1,64}", "expected 1-64 of A-Za-z0-9_-")
+    heartbeat: int = _int(10, 1, 600)  # seconds
+
+
+@dataclass(frozen=True, slots=True)
+class JobsSettings:
+    max_attempts: int = _int(3, 1, 1000)
+    timeout: float = _float(300.0, 0, above=True)
+    retry_backoff: float = _float(1.0, 0)
+    retry_backoff_max: float = _float(300.0, 0)  # and >= retry_backoff, checked by load()
+    result_ttl: int = _int(86400, 1)  # seconds
+    shutdown_grace: float = _float(30.0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class WsSettings:
+    max_subscriptions: int = _int(100, 1)
+    send_buffer: int = _int(256, 1)
+    max_frame_bytes: int = _int(1048576, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    mode: str = _key("none", str, "expected 'none', 'token' or 'jwt'", _auth_mode_ok)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    app: str | None = _pattern(None, r"[\w.]+:[\w.]+", "expected 'module:attribute'", optional=True)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    broker: BrokerSettings = field(default_factory=BrokerSettings)
+    jobs: JobsSettings = field(default_factory=JobsSettings)
+    ws: WsSettings = field(default_factory=WsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    source: str | None = None  # the config.toml that was read; not a key
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    f.name: f.type for f in fields(Settings) if isinstance(f.type, type) and is_dataclass(f.type)
+}
+_KEYS: dict[str, Field[Any]] = {f.name: f for f in fields(Settings) if "rule" in f.metadata}
+_KEYS |= {f"{s}.{f.name}": f for s, cls in _SECTIONS.items() for f in fields(cls)}
+
+
+def env_name(key: str) -> str:
+    """The environment variable of a dotted key: `http.port` -> `AIOQUEUE_HTTP__PORT`."""
+    return _PREFIX + key.upper().replace(".", "__")
+
+
+_BY_ENV = {env_name(key): key for key in _KEYS}
+
+
+def describe() -> list[tuple[str, str, object]]:
+    """(dotted key, environment variable, default) of every key, in declaration order."""
+    return [(key, env_name(key), f.default) for key, f in _KEYS.items()]
+
+
+def _error(message: str) -> ConfigError:
+    return ConfigError(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
+def _show(value: object) -> str:
+    if isinstance(value, str):  # hide the password of a URL
+        value = re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^/@]*@", r"\1***@", value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(key: str, value: object, where: str, expected: str) -> ConfigError:
+    return _error(f"{key} = {_show(value)} (from {where}): {expected}")
+
+
+def _hint(word: str, candidates: Iterable[str], quote: str = "'") -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {quote}{match[0]}{quote}?" if match else ""
+
+
+def _parse(text: str, kind: type) -> object:
+    """Env/flag text as `kind`; None when it does not parse (the type check then fails)."""
+    if kind is int:
+        return int(text) if re.fullmatch(r"[+-]?[0-9]+", text.strip()) else None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _convert(key: str, raw: object, where: str, text: bool) -> Any:
+    rule: _Rule = _KEYS[key].metadata["rule"]
+    value = raw
+    if text and isinstance(raw, str) and rule.kind is not str:
+        value = _parse(raw, rule.kind)
+    if rule.kind is float and type(value) is int:
+        value = float(value)
+    if rule.optional and value == "":
+        return None
+    if type(value) is not rule.kind or (isinstance(value, float) and not math.isfinite(value)):
+        raise _bad(key, raw, where, rule.expected)
+    verdict = rule.ok(value)
+    if verdict is not True:
+        raise _bad(key, raw, where, verdict or rule.expected)
+    return value
+
+
+def _find_config(config_path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> str | None:
+    if config_path is not None:
+        path, named_by = os.fspath(config_path), "config_path"
+    elif env.get(_CONFIG_VAR):
+        path, named_by = env[_CONFIG_VAR], _CONFIG_VAR
+    else:
+        return os.path.abspath("config.toml") if os.path.exists("config.toml") else None
+    if not os.path.isfile(path):
+        raise _error(f"config file {path!r} (from {named_by}) does not exist or is not a file")
+    return os.path.abspath(path)
+
+
+Source = Iterator[tuple[str, object, str, bool]]  # (key, raw value, where from, value is text)
+
+
+def _from_toml(path: str) -> Source:
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except tomllib.TOMLDecodeError as exc:
+        raise _error(f"invalid TOML in {path}: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _error(f"cannot read config file {path}: {exc}") from None
+    for name, item in data.items():
+        if name in _SECTIONS:
+            if not isinstance(item, dict):
+                raise _bad(name, item, path, f"expected a table [{name}]")
+            entries = [(f"{name}.{key}", value) for key, value in item.items()]
+        elif name not in _KEYS and isinstance(item, dict):
+            raise _error(f"unknown section {name!r} in {path}{_hint(name, _SECTIONS)}")
+        else:
+            entries = [(name, item)]
+        for key, value in entries:
+            if key not in _KEYS:
+                raise _error(f"unknown key {key!r} in {path}{_hint(key, _KEYS)}")
+            yield key, value, path, False
+
+
+def _from_env(env: Mapping[str, str]) -> Source:
+    for name in sorted(env):
+        if not name.startswith(_PREFIX) or name == _CONFIG_VAR:
+            continue
+        if name not in _BY_ENV:
+            hint = _hint(name, [*_BY_ENV, _CONFIG_VAR], quote="")
+            raise _error(f"unknown environment variable {name}{hint}")
+        yield _BY_ENV[name], env[name], name, True
+
+
+def _from_overrides(overrides: Mapping[str, object]) -> Source:
+    for key, value in overrides.items():
+        if value is None:  # a flag that was not given
+            continue
+        if key not in _KEYS:
+            raise _error(f"unknown key {key!r} in overrides{_hint(key, _KEYS)}")
+        yield key, value, "overrides", True
+
+
+def load(
+    config_path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """The settings from defaults < config.toml < environment < overrides, checked."""
+    env = os.environ if environ is None else environ
+    path = _find_config(config_path, env)
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    toml = _from_toml(path) if path else iter(())
+    for source in (toml, _from_env(env), _from_overrides(overrides or {})):
+        for key, raw, where, text in source:
+            values[key], origin[key] = _convert(key, raw, where, text), where
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in ["", *_SECTIONS]}
+    for key, value in values.items():
+        section, _, name = key.rpartition(".")
+        grouped[section][name] = value
+    sections = {name: cls(**grouped[name]) for name, cls in _SECTIONS.items()}
+    settings = Settings(**grouped[""], **sections, source=path)
+    jobs = settings.jobs
+    if jobs.retry_backoff_max < jobs.retry_backoff:
+        key, low = "jobs.retry_backoff_max", origin.get("jobs.retry_backoff", "defaults")
+        expected = f"expected a number >= jobs.retry_backoff ({jobs.retry_backoff:g}, from {low})"
+        raise _bad(key, jobs.retry_backoff_max, origin.get(key, "defaults"), expected)
+    return settings

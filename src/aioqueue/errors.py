@@ -1,0 +1,99 @@
+"""Every error aioqueue raises on purpose.
+
+```
+AioqueueError
+├── ConfigError (also ValueError)      a bad config key or value; stops start-up
+├── TaskDefinitionError (also TypeError) a task function aioqueue cannot check
+├── RequestError                       the caller's fault; maps to a 4xx
+│   ├── InvalidRequest                 400: bad JSON, bad fields, bad task arguments
+│   ├── NotFound                       404: unknown job or task
+│   ├── Conflict                       409: the job is in the wrong state
+│   ├── PayloadTooLarge                413
+│   └── UnsupportedMediaType           415
+├── BrokerUnavailable                  503: the broker is down or did not confirm in time
+└── NotReady                           503: the service is starting or stopping
+```
+
+`web/problems.py` turns each into a problem document; handlers never build status codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class AioqueueError(Exception):
+    """Base of every error aioqueue raises on purpose."""
+
+
+class ConfigError(AioqueueError, ValueError):
+    """A configuration key has a bad value, or is unknown. The message is one line."""
+
+
+class TaskDefinitionError(AioqueueError, TypeError):
+    """A task function has a signature aioqueue cannot check at submit time."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldError:
+    """One bad field of a request: `field` is a dotted path (`args.width`, `args[0]`)."""
+
+    field: str
+    message: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class RequestError(AioqueueError):
+    """The request is at fault; nothing was changed."""
+
+    status = 400
+    title = "Bad request"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, detail={self.detail!r})"
+
+
+class InvalidRequest(RequestError):
+    """400. `errors` names each bad field, when the fault is in named fields."""
+
+    def __init__(self, detail: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(detail)
+        self.errors = errors or []
+
+
+class NotFound(RequestError):
+    status = 404
+    title = "Not found"
+
+
+class Conflict(RequestError):
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(RequestError):
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(RequestError):
+    status = 415
+    title = "Unsupported media type"
+
+
+class BrokerUnavailable(AioqueueError):
+    """The broker is unreachable, or did not confirm in time: the job was not accepted."""
+
+    retry_after = 1
+
+
+class NotReady(AioqueueError):
+    """The service is replaying its event log at start-up, or shutting down."""
+
+    retry_after = 1

@@ -1,0 +1,225 @@
+"""The job record and its legal state changes. Pure code: no I/O, no clock, no broker.
+
+Every state change is an *event* (a plain dict, as it travels in the event log). `apply()` moves a
+`Job` by one event, or raises `IllegalTransition` and leaves it untouched. The event log can hold
+duplicates (a redelivered job, a publish retried after a lost confirm) and events of a stale
+attempt; refusing them here is what keeps each job's recorded outcome single.
+
+The `attempt` field counts runs, starting at 1: while a job waits (`queued`, `retrying`) it names
+the attempt that runs next; while it runs, the attempt that is running. Each job message carries
+the attempt it is for, so a runner can tell a stale copy from the current one.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+
+class JobStatus(StrEnum):
+    #: Waiting in its queue for a consumer.
+    QUEUED = "queued"
+    #: Waiting for its delay or `run_at` to pass.
+    SCHEDULED = "scheduled"
+    #: A consumer is running its task.
+    RUNNING = "running"
+    #: The last attempt failed; waiting for its back-off before the next one.
+    RETRYING = "retrying"
+    #: The task returned; `result` holds what it returned.
+    SUCCEEDED = "succeeded"
+    #: The task raised or timed out on its last attempt; the message is in the dead-letter queue.
+    FAILED = "failed"
+    #: The broker dead-lettered the message before the task could finish.
+    DEAD = "dead"
+    #: Cancelled before it finished.
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
+WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RETRYING})
+
+
+class EventType(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+
+
+#: For each event after `queued`: the statuses it may be applied in, and the status it leads to.
+MOVES: dict[EventType, tuple[frozenset[JobStatus], JobStatus]] = {
+    EventType.STARTED: (WAITING | {JobStatus.RUNNING}, JobStatus.RUNNING),
+    EventType.PROGRESS: (frozenset({JobStatus.RUNNING}), JobStatus.RUNNING),
+    EventType.RETRYING: (frozenset({JobStatus.RUNNING}), JobStatus.RETRYING),
+    EventType.SUCCEEDED: (frozenset({JobStatus.RUNNING}), JobStatus.SUCCEEDED),
+    EventType.FAILED: (frozenset({JobStatus.RUNNING}), JobStatus.FAILED),
+    EventType.DEAD: (WAITING | {JobStatus.RUNNING}, JobStatus.DEAD),
+}
+
+
+class IllegalTransition(Exception):
+    """An event that does not apply to the job in its current state (a duplicate or stale one)."""
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Job:
+    """One job's state, as rebuilt from its events. `spec()` is what its messages carry."""
+
+    __slots__ = (
+        "args",
+        "attempt",
+        "created_at",
+        "error",
+        "finished_at",
+        "id",
+        "max_attempts",
+        "progress",
+        "queue",
+        "result",
+        "scheduled_for",
+        "started_at",
+        "status",
+        "task",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        task: str,
+        queue: str,
+        args: Any,
+        max_attempts: int,
+        timeout: float,
+        created_at: float,
+        attempt: int = 1,
+    ) -> None:
+        self.id = id
+        self.task = task
+        self.queue = queue
+        self.args = args
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.created_at = created_at
+        self.attempt = attempt
+        self.status = JobStatus.QUEUED
+        self.progress: dict[str, Any] | None = None
+        self.result: Any = None
+        self.error: dict[str, Any] | None = None
+        self.scheduled_for: float | None = None
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Job:
+        """Build the record of a newly queued job from its message body (see `spec()`)."""
+        return cls(
+            id=spec["id"],
+            task=spec["task"],
+            queue=spec["queue"],
+            args=spec["args"],
+            max_attempts=spec["max_attempts"],
+            timeout=spec["timeout"],
+            created_at=spec["created_at"],
+            attempt=spec.get("attempt", 1),
+        )
+
+    def spec(self, attempt: int | None = None) -> dict[str, Any]:
+        """What a job message carries: enough to run the job and to rebuild its record."""
+        return {
+            "id": self.id,
+            "task": self.task,
+            "queue": self.queue,
+            "args": self.args,
+            "max_attempts": self.max_attempts,
+            "timeout": self.timeout,
+            "created_at": self.created_at,
+            "attempt": self.attempt if attempt is None else attempt,
+        }
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public job record (CONTRACT §2)."""
+        return {
+            "id": self.id,
+            "task": self.task,
+            "queue": self.queue,
+            "status": self.status.value,
+            "args": self.args,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
+            "created_at": rfc3339(self.created_at),
+            "scheduled_for": rfc3339(self.scheduled_for),
+            "started_at": rfc3339(self.started_at),
+            "finished_at": rfc3339(self.finished_at),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id} {self.task} {self.status.value} attempt={self.attempt}>"
+
+
+def apply(job: Job, event: dict[str, Any]) -> EventType:
+    """Move `job` by one event (any type but `queued`, which creates a job: `Job.from_spec`).
+
+    Returns the event's type. Raises `IllegalTransition` and changes nothing if the event does
+    not apply: a job that is terminal, an attempt older than the current one, a duplicate.
+    """
+    try:
+        kind = EventType(event["event"])
+        allowed, target = MOVES[kind]
+    except (KeyError, ValueError):
+        raise IllegalTransition(f"unknown event {event.get('event')!r}") from None
+    if job.status not in allowed:
+        raise IllegalTransition(f"{kind.value} in status {job.status.value}")
+    attempt = event.get("attempt", job.attempt)
+    if kind is EventType.STARTED:
+        if attempt < job.attempt:
+            raise IllegalTransition(f"started attempt {attempt} after attempt {job.attempt}")
+    elif kind is not EventType.DEAD and attempt != job.attempt:
+        raise IllegalTransition(f"{kind.value} of attempt {attempt}, current is {job.attempt}")
+    _record(job, kind, event)
+    job.status = target
+    return kind
+
+
+def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
+    at = event["at"]
+    if kind is EventType.STARTED:
+        job.attempt = event["attempt"]
+        job.started_at = at
+        job.progress = None
+        job.scheduled_for = None
+    elif kind is EventType.PROGRESS:
+        job.progress = {"value": event["value"], "message": event.get("message")}
+    elif kind is EventType.RETRYING:
+        job.attempt += 1
+        job.error = event["error"]
+        job.scheduled_for = event["scheduled_for"]
+    elif kind is EventType.SUCCEEDED:
+        job.result = event["result"]
+        job.error = None
+        job.finished_at = at
+    else:  # failed, dead
+        job.error = event["error"]
+        job.finished_at = at

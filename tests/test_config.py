@@ -1,0 +1,232 @@
+"""aioqueue.config: defaults < config.toml < environment < overrides, and one-line errors."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from aioqueue.config import Settings, describe, env_name, load
+from aioqueue.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in an empty directory, so no ./config.toml is picked up by accident."""
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path: Path, toml: str | None = None, **kwargs: object) -> str:
+    """The message of the ConfigError that load() raises; asserts it is one line."""
+    path = write(tmp_path, toml) if toml is not None else None
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError) as info:
+        load(path, **kwargs)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message
+    return message
+
+
+def test_defaults_without_file_or_env() -> None:
+    settings = load(environ={})
+    assert settings == Settings()
+    assert settings.http.port == 8080 and settings.broker.url == "memory://"
+    assert settings.jobs.retry_backoff_max == 300.0 and settings.auth.mode == "none"
+    assert settings.app is None and settings.source is None
+
+
+def test_toml_overrides_defaults_and_records_source(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        'app = "pkg.tasks:app"\n[http]\nport = 9000\n[jobs]\ntimeout = 10\n'
+        '[broker]\nurl = "amqp://guest:guest@rabbit:5672/"\n',
+    )
+    settings = load(path, environ={})
+    assert settings.app == "pkg.tasks:app"
+    assert settings.http.port == 9000 and settings.http.host == "127.0.0.1"
+    assert settings.jobs.timeout == 10.0 and isinstance(settings.jobs.timeout, float)
+    assert settings.broker.url == "amqp://guest:guest@rabbit:5672/"
+    assert settings.source == str(path)
+
+
+def test_env_overrides_toml_and_overrides_beat_env(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http]\nport = 9000\nhost = '0.0.0.0'\n[jobs]\nretry_backoff = 2\n")
+    env = {"AIOQUEUE_HTTP__PORT": "9100", "AIOQUEUE_JOBS__RETRY_BACKOFF": "2.5e0"}
+    settings = load(path, environ=env)
+    assert (settings.http.port, settings.http.host) == (9100, "0.0.0.0")
+    assert settings.jobs.retry_backoff == 2.5
+    settings = load(path, environ=env, overrides={"http.port": 9200, "http.host": None})
+    assert (settings.http.port, settings.http.host) == (9200, "0.0.0.0")
+
+
+def test_string_override_is_parsed_like_env() -> None:
+    assert load(environ={}, overrides={"http.port": "0"}).http.port == 0
+
+
+def test_empty_app_from_env_means_unset(tmp_path: Path) -> None:
+    path = write(tmp_path, 'app = "pkg:app"\n')
+    assert load(path, environ={"AIOQUEUE_APP": ""}).app is None
+
+
+def test_aioqueue_config_names_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[ws]\nsend_buffer = 8\n")
+    settings = load(environ={"AIOQUEUE_CONFIG": str(path)})
+    assert settings.ws.send_buffer == 8 and settings.source == str(path)
+
+
+def test_config_toml_in_cwd_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "[broker]\nprefetch = 4\n")
+    monkeypatch.chdir(tmp_path)
+    assert load(environ={}).broker.prefetch == 4
+
+
+def test_explicit_config_path_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="AIOQUEUE_CONFIG"):
+        load(environ={"AIOQUEUE_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_unknown_toml_key_suggests_close_match(tmp_path: Path) -> None:
+    path = write(tmp_path, "[http]\nprot = 1\n")
+    message = error_of(tmp_path, path.read_text())
+    assert message == f"unknown key 'http.prot' in {path}; did you mean 'http.port'?"
+
+
+def test_unknown_toml_section_and_non_table_section(tmp_path: Path) -> None:
+    assert "unknown section 'htpp'" in error_of(tmp_path, "[htpp]\nport = 1\n")
+    assert "did you mean 'http'?" in error_of(tmp_path, "[htpp]\nport = 1\n")
+    assert "expected a table [http]" in error_of(tmp_path, "http = 5\n")
+
+
+def test_unknown_aioqueue_env_var_suggests_close_match(tmp_path: Path) -> None:
+    message = error_of(tmp_path, environ={"AIOQUEUE_HTTP__PROT": "1", "OTHER": "x"})
+    assert message == (
+        "unknown environment variable AIOQUEUE_HTTP__PROT; did you mean AIOQUEUE_HTTP__PORT?"
+    )
+
+
+def test_unknown_override_key_is_an_error(tmp_path: Path) -> None:
+    assert "unknown key 'htpp.port'" in error_of(tmp_path, overrides={"htpp.port": 1})
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        pytest.param("[http]\nport = 70000", "http.port = 70000", id="int-out-of-range"),
+        pytest.param("[http]\nport = '80'", "http.port = '80'", id="string-as-int"),
+        pytest.param("[http]\nport = 80.0", "http.port = 80.0", id="float-as-int"),
+        pytest.param("[http]\nport = true", "http.port = True", id="bool-as-int"),
+        pytest.param("[jobs]\ntimeout = true", "jobs.timeout = True", id="bool-as-float"),
+        pytest.param("[jobs]\ntimeout = 0", "jobs.timeout = 0", id="float-not-positive"),
+        pytest.param("[jobs]\ntimeout = inf", "jobs.timeout = inf", id="float-infinite"),
+        pytest.param("[broker]\nprefetch = 0", "broker.prefetch = 0", id="below-minimum"),
+        pytest.param("[broker]\nprefix = 'a b'", "broker.prefix = 'a b'", id="bad-prefix"),
+        pytest.param("app = 'nocolon'", "app = 'nocolon'", id="bad-app"),
+    ],
+)
+def test_bad_toml_value(tmp_path: Path, toml: str, expected: str) -> None:
+    message = error_of(tmp_path, toml)
+    assert message.startswith(f"{expected} (from {tmp_path / 'config.toml'}): expected ")
+
+
+def test_bad_toml_value_message_format(tmp_path: Path) -> None:
+    path = write(tmp_path, "[broker]\nprefetch = 0\n")
+    assert error_of(tmp_path, path.read_text()) == (
+        f"broker.prefetch = 0 (from {path}): expected an integer from 1 to 65535"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "key"),
+    [
+        pytest.param("AIOQUEUE_HTTP__PORT", "abc", "http.port", id="not-an-int"),
+        pytest.param("AIOQUEUE_HTTP__PORT", "80.5", "http.port", id="float-as-int"),
+        pytest.param("AIOQUEUE_HTTP__PORT", "-1", "http.port", id="int-below-range"),
+        pytest.param("AIOQUEUE_JOBS__TIMEOUT", "soon", "jobs.timeout", id="not-a-float"),
+        pytest.param("AIOQUEUE_JOBS__TIMEOUT", "nan", "jobs.timeout", id="float-nan"),
+        pytest.param("AIOQUEUE_JOBS__RETRY_BACKOFF", "-1", "jobs.retry_backoff", id="negative"),
+        pytest.param("AIOQUEUE_WS__MAX_FRAME_BYTES", "63", "ws.max_frame_bytes", id="too-small"),
+    ],
+)
+def test_bad_env_value(tmp_path: Path, name: str, value: str, key: str) -> None:
+    message = error_of(tmp_path, environ={name: value})
+    assert message.startswith(f"{key} = {value!r} (from {name}): expected ")
+
+
+def test_bad_env_value_message_format(tmp_path: Path) -> None:
+    assert error_of(tmp_path, environ={"AIOQUEUE_HTTP__PORT": "abc"}) == (
+        "http.port = 'abc' (from AIOQUEUE_HTTP__PORT): expected an integer from 0 to 65535"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("redis://localhost", id="wrong-scheme"),
+        pytest.param("memory://x", id="memory-with-host"),
+        pytest.param("amqp://", id="amqp-without-host"),
+        pytest.param("amqp://host:notaport/", id="bad-port"),
+    ],
+)
+def test_bad_broker_url(tmp_path: Path, url: str) -> None:
+    message = error_of(tmp_path, environ={"AIOQUEUE_BROKER__URL": url})
+    assert message.startswith(f"broker.url = {url!r} (from AIOQUEUE_BROKER__URL): expected")
+
+
+def test_password_in_broker_url_is_hidden_from_errors(tmp_path: Path) -> None:
+    message = error_of(tmp_path, environ={"AIOQUEUE_BROKER__URL": "redis://u:s3cret@host"})
+    assert "s3cret" not in message and "'redis://u:***@host'" in message
+
+
+@pytest.mark.parametrize("mode", ["token", "jwt"])
+def test_auth_modes_other_than_none_are_not_built(tmp_path: Path, mode: str) -> None:
+    message = error_of(tmp_path, overrides={"auth.mode": mode})
+    assert message.startswith(f"auth.mode = {mode!r} (from overrides): ")
+    assert "not built yet" in message
+
+
+def test_retry_backoff_max_below_retry_backoff(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[jobs]\nretry_backoff = 10\nretry_backoff_max = 5\n")
+    assert message.startswith("jobs.retry_backoff_max = 5.0 (from ")
+    assert "expected a number >= jobs.retry_backoff (10" in message
+
+
+def test_toml_syntax_error_names_file_and_tomllib_message(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "[http\nport = 1\n")
+    assert str(tmp_path / "config.toml") in message and "line 1" in message
+
+
+def test_long_values_are_truncated(tmp_path: Path) -> None:
+    message = error_of(tmp_path, environ={"AIOQUEUE_BROKER__PREFIX": "x" * 500})
+    assert len(message) < 200 and "..." in message
+
+
+def test_env_name_maps_dotted_keys() -> None:
+    assert env_name("http.port") == "AIOQUEUE_HTTP__PORT"
+    assert env_name("broker.confirm_timeout") == "AIOQUEUE_BROKER__CONFIRM_TIMEOUT"
+    assert env_name("app") == "AIOQUEUE_APP"
+
+
+def test_describe_covers_every_field_with_its_default() -> None:
+    rows = {key: (env, default) for key, env, default in describe()}
+    expected: dict[str, tuple[str, object]] = {"app": (env_name("app"), None)}
+    for section in dataclasses.fields(Settings):
+        if dataclasses.is_dataclass(section.type):
+            for f in dataclasses.fields(section.type):
+                key = f"{section.name}.{f.name}"
+                expected[key] = (env_name(key), f.default)
+    assert rows == expected
+    assert "source" not in rows and len(rows) == 1 + 3 + 6 + 6 + 3 + 1
+
+
+def test_every_described_key_loads_from_its_env_var_default() -> None:
+    """Setting each env var to its own default is accepted and changes nothing."""
+    env = {name: "" if default is None else str(default) for _, name, default in describe()}
+    assert load(environ=env) == Settings()

@@ -1,0 +1,119 @@
+"""The job state machine, exhaustively: every status against every event."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from aioqueue.jobs import MOVES, TERMINAL, EventType, IllegalTransition, Job, JobStatus, apply
+
+
+def make_job(status: JobStatus = JobStatus.QUEUED, attempt: int = 1) -> Job:
+    job = Job(
+        id="j1", task="t", queue="default", args={}, max_attempts=3, timeout=5.0, created_at=100.0
+    )
+    job.status = status
+    job.attempt = attempt
+    return job
+
+
+def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"job": "j1", "event": kind.value, "attempt": attempt, "at": 200.0}
+    extra: dict[str, dict[str, Any]] = {
+        EventType.PROGRESS: {"value": 0.5, "message": "half"},
+        EventType.RETRYING: {"error": {"type": "E", "message": "m"}, "scheduled_for": 201.0},
+        EventType.SUCCEEDED: {"result": 42},
+        EventType.FAILED: {"error": {"type": "E", "message": "m"}},
+        EventType.DEAD: {"error": {"type": "DeadLetter", "message": "m"}},
+    }
+    return {**base, **extra.get(kind, {}), **fields}
+
+
+LATER_EVENTS = [kind for kind in EventType if kind is not EventType.QUEUED]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        pytest.param(s, k, id=f"{s.value}-{k.value}")
+        for s, k in itertools.product(JobStatus, LATER_EVENTS)
+    ],
+)
+def test_every_event_in_every_status_follows_the_table(status: JobStatus, kind: EventType) -> None:
+    """An event applies exactly in the statuses MOVES allows, and leads where MOVES says."""
+    job = make_job(status)
+    allowed, target = MOVES[kind]
+    if status in allowed:
+        assert apply(job, make_event(kind)) is kind
+        assert job.status is target
+    else:
+        before = job.to_dict()
+        with pytest.raises(IllegalTransition):
+            apply(job, make_event(kind))
+        assert job.to_dict() == before
+
+
+def test_terminal_statuses_accept_no_event() -> None:
+    """Once terminal, a job never changes: its outcome is recorded once."""
+    for status, kind in itertools.product(TERMINAL, LATER_EVENTS):
+        with pytest.raises(IllegalTransition):
+            apply(make_job(status), make_event(kind))
+
+
+@pytest.mark.parametrize(
+    "kind", [EventType.PROGRESS, EventType.SUCCEEDED, EventType.FAILED, EventType.RETRYING]
+)
+def test_an_outcome_of_another_attempt_is_refused(kind: EventType) -> None:
+    """A stale runner of attempt 1 cannot record anything once attempt 2 runs."""
+    job = make_job(JobStatus.RUNNING, attempt=2)
+    with pytest.raises(IllegalTransition):
+        apply(job, make_event(kind, attempt=1))
+    assert job.status is JobStatus.RUNNING
+
+
+def test_started_may_repeat_for_a_redelivered_attempt_but_not_go_back() -> None:
+    """A redelivered message restarts its attempt; an older attempt's start is refused."""
+    job = make_job(JobStatus.RUNNING, attempt=2)
+    apply(job, make_event(EventType.STARTED, attempt=2, at=300.0))
+    assert (job.status, job.attempt, job.started_at) == (JobStatus.RUNNING, 2, 300.0)
+    with pytest.raises(IllegalTransition):
+        apply(job, make_event(EventType.STARTED, attempt=1))
+
+
+def test_a_full_life_with_one_retry() -> None:
+    """queued, running, retrying (attempt 2 next), running, succeeded: fields as recorded."""
+    job = make_job()
+    apply(job, make_event(EventType.STARTED))
+    apply(job, make_event(EventType.PROGRESS))
+    assert job.progress == {"value": 0.5, "message": "half"}
+    apply(job, make_event(EventType.RETRYING))
+    assert (job.status, job.attempt, job.scheduled_for) == (JobStatus.RETRYING, 2, 201.0)
+    apply(job, make_event(EventType.STARTED, attempt=2))
+    assert job.progress is None and job.scheduled_for is None
+    apply(job, make_event(EventType.SUCCEEDED, attempt=2))
+    record = job.to_dict()
+    assert record["status"] == "succeeded" and record["result"] == 42 and record["error"] is None
+    assert record["finished_at"] == "1970-01-01T00:03:20.000Z"
+    assert job.terminal
+
+
+def test_unknown_event_is_refused() -> None:
+    with pytest.raises(IllegalTransition):
+        apply(make_job(), {"job": "j1", "event": "exploded", "at": 1.0})
+
+
+def test_spec_round_trips_through_from_spec() -> None:
+    """A job message carries what it takes to rebuild the record."""
+    job = make_job()
+    again = Job.from_spec(job.spec())
+    assert again.to_dict() == job.to_dict()
+    assert job.spec(attempt=3)["attempt"] == 3
+
+
+def test_record_has_the_contract_fields() -> None:
+    assert list(make_job().to_dict()) == [
+        "id", "task", "queue", "status", "args", "attempt", "max_attempts", "progress",
+        "result", "error", "created_at", "scheduled_for", "started_at", "finished_at",
+    ]  # fmt: skip
