@@ -1,0 +1,131 @@
+"""`App`: the task registry users decorate, and their handle on a running service."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
+
+from aioqueue.config import Settings
+from aioqueue.errors import TaskDefinitionError
+from aioqueue.tasks import Task
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from aioqueue.service import Service
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class App:
+    """Tasks and their options. `aioqueue serve module:app` runs it; so can your own code:
+
+    ```python
+    app = App()
+
+    @app.task(max_attempts=5)
+    async def resize(ctx: Context, url: str, width: int = 100) -> dict:
+        await ctx.progress(0.5, "downloaded")
+        return {"url": url, "width": width}
+
+    await app.start(settings)                  # or app.mount(aiohttp_app) before it runs
+    job = await app.submit("resize", {"url": "https://x/y.png"})
+    await app.stop()
+    ```
+    """
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Task[Any, Any]] = {}
+        self.service: Service | None = None
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+    # mypy cannot match a ParamSpec that only the returned decorator binds (signature 2).
+    def task(  # type: ignore[misc]
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_attempts: int | None = None,
+        timeout: float | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+    ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
+        """Register a function as a task: `@app.task` or `@app.task(queue=..., ...)`.
+
+        Options left out take their defaults from `[jobs]` in the config when the job runs.
+        """
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            task = Task(
+                fn,
+                name=name,
+                queue=queue,
+                max_attempts=max_attempts,
+                timeout=timeout,
+                retry_backoff=retry_backoff,
+                retry_backoff_max=retry_backoff_max,
+            )
+            if task.name in self.tasks:
+                raise TaskDefinitionError(f"a task named {task.name!r} is registered already")
+            self.tasks[task.name] = task
+            return task
+
+        return register if fn is None else register(fn)
+
+    @property
+    def queues(self) -> set[str]:
+        return {task.queue for task in self.tasks.values()}
+
+    async def submit(self, task: str, args: Any = None, **options: Any) -> dict[str, Any]:
+        """Submit a job from Python; returns its record once the broker confirmed it."""
+        job = await self._running().submit({**options, "task": task, "args": args})
+        return job.to_dict()
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The record of a job, or None."""
+        job = self._running().store.get(job_id)
+        return None if job is None else job.to_dict()
+
+    def mount(self, web_app: web.Application, settings: Settings | None = None) -> None:
+        """Serve aioqueue's API and run its consumers inside an existing aiohttp application."""
+        from aioqueue.web.app import install
+
+        install(web_app, self, settings or Settings())
+
+    async def start(self, settings: Settings | None = None) -> Service:
+        """Start the service (broker, consumers) in this event loop; `stop()` ends it."""
+        from aioqueue.service import Service
+
+        if self.service is not None:
+            raise RuntimeError("this App is running already")
+        service = Service(self, settings or Settings())
+        await service.start()
+        self.service = service
+        return service
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            await service.close()
+
+    def _running(self) -> Service:
+        if self.service is None:
+            raise RuntimeError("the App is not running: start it with `await app.start()` first")
+        return self.service

@@ -1,0 +1,440 @@
+"""RabbitMQ, through aio-pika. Every RabbitMQ detail of aioqueue lives in this module.
+
+Topology, with P the configured prefix (several apps share a vhost by prefix):
+
+    P.submit  (fanout) --> P.events        stream: the event log, kept for result_ttl
+                       \\-> P.jobs (direct) --[queue name]--> P.q.<queue>   quorum, one per queue
+    P.q.<queue> --delivery limit--> P.dlx (fanout) --> P.dead-lettered --(recorded `dead`)--> P.dlq
+    failed jobs ------------------------------------------------------------------------> P.dlq
+
+    aioqueue.delay.27 ... aioqueue.delay.0 (topic) --> aioqueue.delay.deliver
+                                                       --[#.P.q.<queue>]--> P.q.<queue>
+
+Delays need no plugin: a message delayed d seconds carries the 28 binary digits of d in its
+routing key. Level L's exchange sends it to queue `aioqueue.delay.L` (TTL 2^L s) if digit L is 1,
+else straight down to level L-1; each delay queue dead-letters to the level below when its TTL
+ends. All messages of one queue have the same TTL, so a long delay never holds back a short one.
+This is the NServiceBus scheme; the delay queues are shared by every prefix of the vhost.
+
+Connections: rather than aio-pika's robust connection, one supervisor task owns each
+connection's whole life: connect, declare, attach every consumer (each one confirmed by the
+broker), then wait for *any* channel or the connection to close, tear everything down and start
+again. So `problem()` is None only while every consumer is attached, a stream is never
+re-consumed from its original offset (the robust connection's behaviour), and a publish during
+an outage fails at once instead of waiting for a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Collection, Iterator
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+
+from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.config import BrokerSettings
+from aioqueue.errors import BrokerUnavailable
+
+logger = logging.getLogger(__name__)
+
+DELAY_LEVELS = 28
+DELAY_MAX = 2**DELAY_LEVELS - 1
+DELAY_PREFIX = "aioqueue.delay"
+#: Unacked log messages in flight to this process; acked (multiple) every quarter of it.
+LOG_PREFETCH = 1000
+LOG_ACK_EVERY = LOG_PREFETCH // 4
+KIND_HEADER = "aq-kind"
+RECONNECT_DELAY_MAX = 5.0
+
+
+@contextlib.contextmanager
+def translate_errors(action: str) -> Iterator[None]:
+    """The one place where client-library errors become `BrokerUnavailable`."""
+    try:
+        yield
+    except BrokerUnavailable:
+        raise
+    except TimeoutError:
+        raise BrokerUnavailable(f"{action}: no answer from RabbitMQ in time") from None
+    except (
+        aiormq.exceptions.AMQPError,
+        aio_pika.exceptions.AMQPException,
+        ConnectionError,
+        OSError,
+    ) as exc:
+        raise BrokerUnavailable(f"{action}: {type(exc).__name__}: {exc}") from exc
+    except RuntimeError as exc:  # aio-pika: "channel closed" and the like
+        raise BrokerUnavailable(f"{action}: {exc}") from exc
+
+
+def delay_routing_key(seconds: int, queue_name: str) -> str:
+    digits = format(seconds, f"0{DELAY_LEVELS}b")
+    return ".".join(digits) + "." + queue_name
+
+
+class AmqpDelivery(Delivery):
+    __slots__ = ("_message", "body", "redelivered")
+
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.body = message.body
+        count = (message.headers or {}).get("x-delivery-count") or 0
+        self.redelivered = bool(message.redelivered or count)
+
+    async def ack(self) -> None:
+        # On a closed channel the ack cannot happen; the broker redelivers the message, and
+        # the store then finds its outcome recorded.
+        with contextlib.suppress(Exception):
+            await self._message.ack()
+
+    async def requeue(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._message.nack(requeue=True)
+
+
+class _Session:
+    """What one connection holds; thrown away whole when anything in it closes."""
+
+    def __init__(self, connection: AbstractConnection) -> None:
+        self.connection = connection
+        self.lost = asyncio.Event()
+        self.publisher: AbstractChannel | None = None
+        self.exchanges: dict[str, AbstractExchange] = {}
+        self.consumers: dict[str, tuple[AbstractQueue, str]] = {}
+
+    def watch(self, channel: AbstractChannel) -> None:
+        channel.close_callbacks.add(self._on_close)
+
+    def _on_close(self, *_: Any) -> None:
+        self.lost.set()
+
+
+class AmqpBroker(Broker):
+    durable = True
+    delay_resolution = 1.0
+
+    def __init__(self, settings: BrokerSettings, result_ttl: int) -> None:
+        self._settings = settings
+        self._result_ttl = result_ttl
+        prefix = settings.prefix
+        self.names = {
+            "submit": f"{prefix}.submit",
+            "jobs": f"{prefix}.jobs",
+            "events": f"{prefix}.events",
+            "dlx": f"{prefix}.dlx",
+            "dead": f"{prefix}.dead-lettered",
+            "dlq": f"{prefix}.dlq",
+        }
+        self._queues: Collection[str] = ()
+        self._handlers: dict[str, DeliveryHandler] = {}
+        self._on_log: LogHandler | None = None
+        self._on_dead: DeadHandler | None = None
+        self._session: _Session | None = None
+        self._problem: str | None = "not connected yet"
+        self._connected = asyncio.Event()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._consuming = True
+        # The log offset to read next: resuming there after a reconnect applies nothing twice.
+        self._next_offset = 0
+        self._log_unacked = 0
+        self._delay_entry: AbstractExchange | None = None
+
+    def queue_name(self, queue: str) -> str:
+        return f"{self._settings.prefix}.q.{queue}"
+
+    # Life cycle -------------------------------------------------------------------------------
+
+    async def start(
+        self, queues: Collection[str], on_log: LogHandler, on_dead: DeadHandler
+    ) -> None:
+        self._queues, self._on_log, self._on_dead = queues, on_log, on_dead
+        self._supervisor = asyncio.create_task(self._supervise(), name="aioqueue-amqp")
+        await self._connected.wait()
+
+    async def close(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._problem = "closed"
+
+    async def _supervise(self) -> None:
+        delay = 0.25
+        while True:
+            try:
+                await self._run_session()
+                delay = 0.25
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._problem = f"RabbitMQ unavailable: {type(exc).__name__}: {exc}"
+                logger.warning("%s; retrying in %.1f s", self._problem, delay)
+            finally:
+                await self._end_session()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_DELAY_MAX)
+
+    async def _run_session(self) -> None:
+        connection = await aio_pika.connect(
+            self._settings.url,
+            timeout=self._settings.confirm_timeout,
+            heartbeat=self._settings.heartbeat,
+            client_properties={"connection_name": f"aioqueue {self._settings.prefix}"},
+        )
+        session = self._session = _Session(connection)
+        connection.close_callbacks.add(session._on_close)
+        async with asyncio.timeout(self._settings.confirm_timeout * 4):
+            session.publisher = await self._channel(session, on_return_raises=True)
+            await self._declare(session)
+            await self._consume_log(session)
+            await self._consume_dead_letters(session)
+            for queue in self._handlers:
+                await self._attach(session, queue)
+        self._problem = None
+        self._connected.set()
+        logger.info("connected to RabbitMQ at %s", connection.url.host)
+        await session.lost.wait()
+        self._problem = "connection to RabbitMQ lost; reconnecting"
+        logger.warning(self._problem)
+
+    async def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await session.connection.close()
+
+    async def _channel(self, session: _Session, **kwargs: Any) -> AbstractChannel:
+        channel = await session.connection.channel(publisher_confirms=True, **kwargs)
+        session.watch(channel)
+        return channel
+
+    # Topology ---------------------------------------------------------------------------------
+
+    async def _declare(self, session: _Session) -> None:
+        channel = session.publisher
+        assert channel is not None
+        names = self.names
+        durable = aio_pika.ExchangeType
+        submit = await channel.declare_exchange(names["submit"], durable.FANOUT, durable=True)
+        jobs = await channel.declare_exchange(names["jobs"], durable.DIRECT, durable=True)
+        await jobs.bind(submit)
+        events = await channel.declare_queue(
+            names["events"],
+            durable=True,
+            arguments={
+                "x-queue-type": "stream",
+                "x-max-age": f"{self._result_ttl}s",
+                "x-stream-max-segment-size-bytes": 8_000_000,
+            },
+        )
+        await events.bind(submit)
+        dlx = await channel.declare_exchange(names["dlx"], durable.FANOUT, durable=True)
+        dead = await channel.declare_queue(names["dead"], durable=True, arguments=_quorum())
+        await dead.bind(dlx)
+        await channel.declare_queue(names["dlq"], durable=True, arguments=_quorum())
+        deliver = await self._declare_delays(channel)
+        for queue in self._queues:
+            arguments = _quorum(
+                {
+                    "x-delivery-limit": self._settings.delivery_limit,
+                    "x-dead-letter-exchange": names["dlx"],
+                }
+            )
+            declared = await channel.declare_queue(
+                self.queue_name(queue), durable=True, arguments=arguments
+            )
+            await declared.bind(jobs, routing_key=queue)
+            await declared.bind(deliver, routing_key=f"#.{self.queue_name(queue)}")
+        assert self._delay_entry is not None
+        session.exchanges = {
+            "submit": submit,
+            "jobs": jobs,
+            "delay": self._delay_entry,
+            "default": channel.default_exchange,
+        }
+
+    async def _declare_delays(self, channel: AbstractChannel) -> AbstractExchange:
+        topic = aio_pika.ExchangeType.TOPIC
+        below = await channel.declare_exchange(f"{DELAY_PREFIX}.deliver", topic, durable=True)
+        for level in range(DELAY_LEVELS):
+            exchange = await channel.declare_exchange(
+                f"{DELAY_PREFIX}.{level}", topic, durable=True
+            )
+            queue = await channel.declare_queue(
+                f"{DELAY_PREFIX}.{level}",
+                durable=True,
+                arguments=_quorum(
+                    {"x-message-ttl": 1000 * 2**level, "x-dead-letter-exchange": below.name}
+                ),
+            )
+            position = "*." * (DELAY_LEVELS - 1 - level)
+            await queue.bind(exchange, routing_key=f"{position}1.#")
+            await below.bind(exchange, routing_key=f"{position}0.#")
+            if level == 0:
+                deliver = below
+            below = exchange
+        self._delay_entry = below
+        return deliver
+
+    # Consuming --------------------------------------------------------------------------------
+
+    async def consume(self, queue: str, handler: DeliveryHandler) -> None:
+        self._handlers[queue] = handler
+        self._consuming = True
+        session = self._session
+        if session is not None and self._problem is None:
+            try:
+                await self._attach(session, queue)
+            except Exception as exc:
+                # The next session attaches every registered consumer again.
+                logger.warning("queue %s: could not attach a consumer: %s", queue, exc)
+                session.lost.set()
+
+    async def _attach(self, session: _Session, queue: str) -> None:
+        channel = await self._channel(session)
+        await channel.set_qos(prefetch_count=self._settings.prefetch)
+        declared = await channel.declare_queue(self.queue_name(queue), passive=True)
+        handler = self._handlers[queue]
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await handler(AmqpDelivery(message))
+
+        tag = await declared.consume(on_message)
+        session.consumers[queue] = (declared, tag)
+        # Verify with the broker, not only with the client, that a consumer is attached.
+        check = await channel.declare_queue(self.queue_name(queue), passive=True)
+        if not check.declaration_result.consumer_count:
+            raise BrokerUnavailable(f"queue {queue}: consumer not attached")
+
+    async def stop_consuming(self) -> None:
+        self._consuming = False
+        session = self._session
+        if session is None:
+            return
+        for queue, tag in list(session.consumers.values()):
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        session.consumers.clear()
+
+    async def _consume_log(self, session: _Session) -> None:
+        channel = await self._channel(session)
+        await channel.set_qos(prefetch_count=LOG_PREFETCH)
+        stream = await channel.declare_queue(self.names["events"], passive=True)
+        # Resume at the last offset applied (which exists) rather than the next one: an offset
+        # past the tail would deliver nothing. The repeated entry is skipped below.
+        offset: int | str = max(self._next_offset - 1, 0) if self._next_offset else "first"
+        self._log_unacked = 0
+        await stream.consume(self._on_log_message, arguments={"x-stream-offset": offset})
+
+    async def _on_log_message(self, message: AbstractIncomingMessage) -> None:
+        # Applied before the first await: aio-pika runs callbacks as tasks in delivery order,
+        # and applying synchronously keeps the log in order.
+        headers = message.headers or {}
+        offset = headers.get("x-stream-offset")
+        if isinstance(offset, int) and offset >= self._next_offset:
+            self._next_offset = offset + 1
+            assert self._on_log is not None
+            kind = (
+                LogKind.EVENTS if headers.get(KIND_HEADER) == LogKind.EVENTS.value else LogKind.JOB
+            )
+            self._on_log(kind, message.body)
+        self._log_unacked += 1
+        if self._log_unacked >= LOG_ACK_EVERY:
+            self._log_unacked = 0
+            with contextlib.suppress(Exception):
+                await message.ack(multiple=True)
+
+    async def _consume_dead_letters(self, session: _Session) -> None:
+        channel = await self._channel(session)
+        await channel.set_qos(prefetch_count=16)
+        dead = await channel.declare_queue(self.names["dead"], passive=True)
+        await dead.consume(self._on_dead_letter)
+
+    async def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        headers = message.headers or {}
+        reason = str(headers.get("x-first-death-reason") or "dead-lettered")
+        assert self._on_dead is not None
+        try:
+            await self._on_dead(message.body, reason)
+            await self.dead_letter(message.body, reason)
+        except BrokerUnavailable:
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    # Publishing -------------------------------------------------------------------------------
+
+    def problem(self) -> str | None:
+        if self._problem is not None:
+            return self._problem
+        session = self._session
+        missing = [q for q in self._handlers if session is None or q not in session.consumers]
+        if missing and self._consuming:
+            return f"not consuming on queue {', '.join(sorted(missing))} yet"
+        return None
+
+    async def _publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        kind: LogKind = LogKind.JOB,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        session = self._session
+        if session is None or self._problem is not None:
+            raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={KIND_HEADER: kind.value, **(headers or {})},
+        )
+        with translate_errors("publish"):
+            async with asyncio.timeout(self._settings.confirm_timeout):
+                confirmation = await session.exchanges[exchange].publish(message, routing_key)
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            raise BrokerUnavailable(f"RabbitMQ refused the message ({type(confirmation).__name__})")
+
+    async def submit(self, body: bytes, queue: str) -> None:
+        await self._publish("submit", queue, body)
+
+    async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+        seconds = min(round(delay), DELAY_MAX)
+        if seconds <= 0:
+            await self._publish("jobs", queue, body)
+        else:
+            await self._publish("delay", delay_routing_key(seconds, self.queue_name(queue)), body)
+
+    async def append(self, body: bytes) -> None:
+        await self._publish("default", self.names["events"], body, LogKind.EVENTS)
+
+    async def dead_letter(self, body: bytes, reason: str) -> None:
+        await self._publish(
+            "default", self.names["dlq"], body, headers={"x-aioqueue-reason": reason}
+        )
+
+
+def _quorum(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    # At-least-once dead-lettering (a quorum queue keeps the message until the target confirmed
+    # it) needs reject-publish overflow; the default, at-most-once, can lose dead letters.
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        **(extra or {}),
+    }

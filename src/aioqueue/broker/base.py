@@ -1,0 +1,111 @@
+"""What aioqueue needs of a message broker, and nothing about any broker in particular.
+
+A broker carries two kinds of traffic:
+
+* **job messages**, one per attempt of a job, to a named queue; consumed with a bounded
+  number in flight and acked only once the attempt's outcome is recorded;
+* **the event log**, one totally ordered log that every process reads from its retention start
+  and then live. It holds the body of every submitted job (the `queued` event) and batches of
+  later events. The job store of every process is built by applying it in order.
+
+`submit()` puts one message in both at once, so a job is in its queue if and only if it is in
+the log. Usage, as `Service` does it::
+
+    broker = MemoryBroker()                      # or AmqpBroker(settings)
+    await broker.start(queues={"default"}, on_log=eventlog.on_log, on_dead=runner.on_dead)
+    broker.consume("default", runner.on_delivery)
+    await broker.submit(spec_bytes, "default")   # returns once the broker confirmed it
+    ...
+    await broker.close()
+
+Every publishing method returns only after the broker confirmed the message and raises
+`BrokerUnavailable` otherwise (including when no confirm came in time). Errors of the broker's
+client library never escape a `Broker`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from enum import StrEnum
+from typing import Any
+
+
+class LogKind(StrEnum):
+    #: A submitted job's message body: its `queued` event.
+    JOB = "job"
+    #: `{"id": batch_id, "events": [event, ...]}`: later events, batched.
+    EVENTS = "events"
+
+
+class Delivery(abc.ABC):
+    """One job message handed to a consumer."""
+
+    #: The message body: a job spec (see `jobs.Job.spec`).
+    body: bytes
+    #: True if the broker delivered this message before (a consumer died or gave it back).
+    redelivered: bool
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """Remove the message for good. Call only once its outcome is recorded."""
+
+    @abc.abstractmethod
+    async def requeue(self) -> None:
+        """Give the message back to the queue, to be delivered again (marked redelivered)."""
+
+
+DeliveryHandler = Callable[[Delivery], Coroutine[Any, Any, None]]
+#: Called in log order, synchronously, for every entry of the event log.
+LogHandler = Callable[[LogKind, bytes], None]
+#: Called with the body of a job message the broker dead-lettered, and why.
+DeadHandler = Callable[[bytes, str], Awaitable[None]]
+
+
+class Broker(abc.ABC):
+    #: Whether accepted jobs survive a restart of this process.
+    durable: bool
+    #: Whole seconds only (a broker that schedules by TTL), or any float.
+    delay_resolution: float
+
+    @abc.abstractmethod
+    async def start(
+        self, queues: Collection[str], on_log: LogHandler, on_dead: DeadHandler
+    ) -> None:
+        """Connect, declare the topology for `queues`, and start reading the log from its start.
+
+        Raises `BrokerUnavailable` if the broker cannot be reached at all at start-up; after
+        that, the broker reconnects by itself and `problem()` says what is wrong meanwhile.
+        """
+
+    @abc.abstractmethod
+    async def consume(self, queue: str, handler: DeliveryHandler) -> None:
+        """Start consuming `queue` with `handler`, and again after every reconnect."""
+
+    @abc.abstractmethod
+    async def stop_consuming(self) -> None:
+        """Stop taking new job messages; the ones in flight may still be acked."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Disconnect. Unacked job messages go back to their queues."""
+
+    @abc.abstractmethod
+    def problem(self) -> str | None:
+        """None if connected, topology declared and every consumer attached; else why not."""
+
+    @abc.abstractmethod
+    async def submit(self, body: bytes, queue: str) -> None:
+        """Publish a new job: to `queue` and, as its `queued` event, to the log."""
+
+    @abc.abstractmethod
+    async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+        """Publish a job message to `queue` (not to the log), after `delay` seconds."""
+
+    @abc.abstractmethod
+    async def append(self, body: bytes) -> None:
+        """Append one `LogKind.EVENTS` entry to the log."""
+
+    @abc.abstractmethod
+    async def dead_letter(self, body: bytes, reason: str) -> None:
+        """Keep a job message in the dead-letter queue, with the reason."""

@@ -1,0 +1,154 @@
+"""Writing to the event log and reading it back into the job store.
+
+Every process applies every log entry, its own included, in log order: the store is a function
+of the log alone. A write therefore returns only once the broker confirmed it *and* it came back
+through the log and was applied, so that a process reads its own writes (a job is visible to
+`GET` as soon as its 202 is sent) and an outcome is in the store before its message is acked.
+
+Events are written in batches, one log message each: publishing is the client's bottleneck
+(about 120 µs of CPU per confirmed message), so while one batch is in flight the next collects
+whatever is appended meanwhile. One batch in flight at a time also keeps the log in append order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+import orjson
+
+from aioqueue.broker.base import Broker, LogKind
+from aioqueue.errors import BrokerUnavailable
+from aioqueue.store import JobStore
+
+logger = logging.getLogger(__name__)
+
+#: Events per log message at most; a batch also takes whole `append()` calls only.
+MAX_BATCH = 512
+
+
+class EventLog:
+    def __init__(self, broker: Broker, store: JobStore, echo_timeout: float) -> None:
+        self._broker = broker
+        self._store = store
+        self._echo_timeout = echo_timeout
+        self._echoes: dict[str, asyncio.Future[None]] = {}
+        self._queue: list[tuple[tuple[dict[str, Any], ...], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        #: Log entries applied so far (all processes' writes).
+        self.entries_applied = 0
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_batches(), name="aioqueue-eventlog")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        for _, waiter in self._queue:
+            if not waiter.done():
+                waiter.set_exception(BrokerUnavailable("shutting down"))
+
+    # Reading --------------------------------------------------------------------------------
+
+    def on_log(self, kind: LogKind, body: bytes) -> None:
+        """Apply one log entry; called by the broker in log order."""
+        try:
+            entry = orjson.loads(body)
+            if kind is LogKind.JOB:
+                self._store.create(entry)
+                key = entry["id"]
+            else:
+                for event in entry["events"]:
+                    self._store.apply(event)
+                key = entry["id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.exception("skipping a log entry that cannot be applied: %.200r", body)
+            return
+        self.entries_applied += 1
+        echo = self._echoes.pop(key, None)
+        if echo is not None and not echo.done():
+            echo.set_result(None)
+
+    # Writing --------------------------------------------------------------------------------
+
+    async def submit(self, spec: dict[str, Any]) -> None:
+        """Publish a new job (to its queue and the log); returns once it is in the store."""
+        echo = self._expect(spec["id"])
+        try:
+            await self._broker.submit(orjson.dumps(spec), spec["queue"])
+            try:
+                async with asyncio.timeout(self._echo_timeout):
+                    await echo
+            except TimeoutError:
+                # The broker confirmed it, so the job is accepted: record it here rather than
+                # answer 503 for a job that will run. The late echo is then a no-op.
+                logger.warning("job %s confirmed but not echoed by the log in time", spec["id"])
+                self._store.create(spec)
+        finally:
+            self._echoes.pop(spec["id"], None)
+
+    async def append(self, *events: dict[str, Any]) -> None:
+        """Append events; returns once they are confirmed and applied. Raises BrokerUnavailable."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._queue.append((events, waiter))
+        self._wake.set()
+        await waiter
+
+    async def barrier(self) -> None:
+        """Return once every entry that was in the log before this call has been applied here."""
+        await self.append()
+
+    def _expect(self, key: str) -> asyncio.Future[None]:
+        echo = asyncio.get_running_loop().create_future()
+        self._echoes[key] = echo
+        return echo
+
+    def _take_batch(self) -> tuple[list[dict[str, Any]], list[asyncio.Future[None]]]:
+        events: list[dict[str, Any]] = []
+        waiters: list[asyncio.Future[None]] = []
+        taken = 0
+        for batch_events, waiter in self._queue:
+            if events and len(events) + len(batch_events) > MAX_BATCH:
+                break
+            events.extend(batch_events)
+            waiters.append(waiter)
+            taken += 1
+        del self._queue[:taken]
+        return events, waiters
+
+    async def _write_batches(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                events, waiters = self._take_batch()
+                error = await self._write(events)
+                for waiter in waiters:
+                    if waiter.done():
+                        continue
+                    if error is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(error)
+
+    async def _write(self, events: list[dict[str, Any]]) -> BrokerUnavailable | None:
+        batch_id = secrets.token_hex(8)
+        echo = self._expect(batch_id)
+        try:
+            await self._broker.append(orjson.dumps({"id": batch_id, "events": events}))
+            async with asyncio.timeout(self._echo_timeout):
+                await echo
+        except BrokerUnavailable as exc:
+            return exc
+        except TimeoutError:
+            return BrokerUnavailable("the event log did not echo a confirmed write in time")
+        except Exception as exc:  # never let the writer die: every later append would hang
+            logger.exception("writing to the event log failed")
+            return BrokerUnavailable(f"writing to the event log failed: {exc}")
+        finally:
+            self._echoes.pop(batch_id, None)
+        return None

@@ -1,0 +1,253 @@
+"""Runs job messages: delivery -> checks -> task under its timeout -> outcome recorded -> ack.
+
+The order of each step is what makes an outcome single (DESIGN G2):
+
+* An outcome is written to the event log, and any message it implies (the next attempt, or the
+  dead letter) is published, *before* the delivery is acked. A process killed in between gets the
+  message redelivered.
+* A redelivered message, or one the store does not know yet, waits for a log barrier so that
+  every outcome written before it is applied here; then the store decides: a terminal job, a
+  stale attempt, or a second copy of a running attempt is acked without running.
+* The next attempt's message is published before the `retrying` event, so a recorded retry
+  always has its message; a crash in between at worst leaves a second copy, which the store
+  rejects when it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import orjson
+
+from aioqueue.broker.base import Broker, Delivery
+from aioqueue.config import JobsSettings
+from aioqueue.context import Context, SyncContext
+from aioqueue.errors import BrokerUnavailable
+from aioqueue.eventlog import EventLog
+from aioqueue.jobs import Job, JobStatus
+from aioqueue.store import JobStore
+from aioqueue.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
+SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
+
+
+class _Hooks:
+    """A running job's way back into the service (see `context.JobHooks`)."""
+
+    __slots__ = ("_attempt", "_job_id", "_log", "_submit")
+
+    def __init__(self, log: EventLog, submit: SubmitFn, job_id: str, attempt: int) -> None:
+        self._log = log
+        self._submit = submit
+        self._job_id = job_id
+        self._attempt = attempt
+
+    async def progress(self, value: float, message: str | None) -> None:
+        await self._log.append(
+            event(self._job_id, "progress", self._attempt, value=value, message=message)
+        )
+
+    async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
+        job = await self._submit({**options, "task": task, "args": args})
+        return job.to_dict()
+
+
+def event(job_id: str, name: str, attempt: int, **fields: Any) -> dict[str, Any]:
+    return {"job": job_id, "event": name, "attempt": attempt, "at": time.time(), **fields}
+
+
+def error_record(exc: BaseException, message: str | None = None) -> dict[str, Any]:
+    return {
+        "type": type(exc).__name__,
+        "message": message or str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+
+
+def decode_spec(body: bytes) -> dict[str, Any]:
+    spec = orjson.loads(body)
+    if not isinstance(spec, dict) or any(key not in spec for key in SPEC_KEYS):
+        raise ValueError("not a job spec")
+    return spec
+
+
+class Runner:
+    def __init__(
+        self,
+        tasks: Mapping[str, Task[Any, Any]],
+        defaults: JobsSettings,
+        log: EventLog,
+        broker: Broker,
+        store: JobStore,
+        submit: SubmitFn,
+        threads: int,
+    ) -> None:
+        self._tasks = tasks
+        self._defaults = defaults
+        self._log = log
+        self._broker = broker
+        self._store = store
+        self._submit = submit
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aioqueue-task")
+        #: The jobs running in this process, by id.
+        self.running: dict[str, asyncio.Task[Any]] = {}
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        try:
+            spec = decode_spec(delivery.body)
+        except ValueError as exc:  # orjson's JSONDecodeError is a ValueError
+            logger.error("dead-lettering an undecodable job message: %s", exc)
+            await self._broker.dead_letter(delivery.body, f"undecodable: {exc}")
+            await delivery.ack()
+            return
+        try:
+            await self._handle(delivery, spec)
+        except BrokerUnavailable as exc:
+            # The outcome is not recorded: give the message back to run it again (or to find
+            # the outcome recorded after all, if only the confirm was lost).
+            logger.warning("job %s: outcome not recorded, requeued: %s", spec["id"], exc)
+            await _quietly(delivery.requeue())
+        except Exception:
+            # A bug, not the task's fault (that is caught in _run). Requeued, the message is
+            # dead-lettered by the broker after its delivery limit if the fault persists.
+            logger.exception("job %s: unexpected error, requeued", spec["id"])
+            await _quietly(delivery.requeue())
+
+    async def on_dead(self, body: bytes, reason: str) -> None:
+        """Record `dead` for a job message the broker dead-lettered (delivery limit, expiry)."""
+        try:
+            spec = decode_spec(body)
+        except ValueError:
+            return
+        error = {"type": "DeadLetter", "message": f"dead-lettered by the broker: {reason}"}
+        await self._log.append(event(spec["id"], "dead", spec["attempt"], error=error))
+
+    async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
+        job_id, attempt = spec["id"], spec["attempt"]
+        job = self._store.get(job_id)
+        if delivery.redelivered or job is None or attempt > job.attempt:
+            await self._log.barrier()
+            job = self._store.get(job_id)
+        if job is None:
+            # Its `queued` event has left the log's retention: record the job again.
+            await self._log.append({"job": job_id, "event": "queued", "spec": spec})
+            job = self._store.get(job_id)
+        reason = _skip_reason(job, attempt, delivery.redelivered)
+        if reason is not None:
+            logger.info("job %s attempt %d: not run, %s", job_id, attempt, reason)
+            await delivery.ack()
+            return
+        task = self._tasks.get(spec["task"])
+        if task is None:
+            error = {"type": "UnknownTask", "message": f"no task {spec['task']!r} in this app"}
+            await self._broker.dead_letter(delivery.body, "unknown task")
+            await self._log.append(event(job_id, "dead", attempt, error=error))
+        else:
+            await self._log.append(event(job_id, "started", attempt))
+            await self._run(task, spec, delivery.body)
+        await delivery.ack()
+
+    async def _run(self, task: Task[Any, Any], spec: dict[str, Any], body: bytes) -> None:
+        job_id, attempt = spec["id"], spec["attempt"]
+        current = asyncio.current_task()
+        assert current is not None
+        self.running[job_id] = current
+        try:
+            result = await self._call(task, spec)
+            _check_json(result)
+        except (asyncio.CancelledError, BrokerUnavailable):
+            raise
+        except TimeoutError as exc:
+            await self._failed(task, spec, body, error_record(exc, _timeout_message(exc, spec)))
+        except Exception as exc:
+            await self._failed(task, spec, body, error_record(exc))
+        else:
+            await self._log.append(event(job_id, "succeeded", attempt, result=result))
+        finally:
+            self.running.pop(job_id, None)
+
+    async def _call(self, task: Task[Any, Any], spec: dict[str, Any]) -> Any:
+        positional, keyword = task.signature.bind(spec["args"])
+        hooks = _Hooks(self._log, self._submit, spec["id"], spec["attempt"])
+        loop = asyncio.get_running_loop()
+        if task.signature.takes_context:
+            ctx: Context | SyncContext = (
+                Context(spec["id"], task.name, spec["attempt"], hooks)
+                if task.is_async
+                else SyncContext(spec["id"], task.name, spec["attempt"], hooks, loop)
+            )
+            positional.insert(0, ctx)
+        async with asyncio.timeout(spec["timeout"]):
+            if task.is_async:
+                return await task.fn(*positional, **keyword)
+            # A thread cannot be stopped: at the timeout the job fails, the thread runs on.
+            call = functools.partial(task.fn, *positional, **keyword)
+            return await loop.run_in_executor(self._executor, call)
+
+    async def _failed(
+        self, task: Task[Any, Any], spec: dict[str, Any], body: bytes, error: dict[str, Any]
+    ) -> None:
+        job_id, attempt = spec["id"], spec["attempt"]
+        if attempt >= spec["max_attempts"]:
+            await self._broker.dead_letter(body, "failed")
+            await self._log.append(event(job_id, "failed", attempt, error=error))
+            return
+        delay = self._backoff(task, attempt)
+        await self._broker.publish(
+            orjson.dumps({**spec, "attempt": attempt + 1}), spec["queue"], delay
+        )
+        scheduled_for = time.time() + delay
+        await self._log.append(
+            event(job_id, "retrying", attempt, error=error, scheduled_for=scheduled_for)
+        )
+
+    def _backoff(self, task: Task[Any, Any], attempt: int) -> float:
+        """Full jitter: uniform in [0, min(cap, base * 2^(n-1))] before the n-th retry."""
+        base, cap = task.backoff(self._defaults)
+        delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+        resolution = self._broker.delay_resolution
+        return round(delay / resolution) * resolution if resolution else delay
+
+
+def _skip_reason(job: Job | None, attempt: int, redelivered: bool) -> str | None:
+    if job is None:
+        return "unknown job"
+    if job.terminal:
+        return f"the job is {job.status.value} already"
+    if attempt < job.attempt:
+        return f"stale, the job is at attempt {job.attempt}"
+    if attempt == job.attempt and job.status is JobStatus.RUNNING and not redelivered:
+        return "a second copy of a running attempt"
+    return None
+
+
+def _check_json(result: Any) -> None:
+    try:
+        orjson.dumps(result)
+    except TypeError as exc:
+        raise TypeError(f"the task returned a value that is not JSON: {exc}") from None
+
+
+def _timeout_message(exc: TimeoutError, spec: dict[str, Any]) -> str:
+    return str(exc) or f"timed out after {spec['timeout']:g} s"
+
+
+async def _quietly(awaitable: Awaitable[None]) -> None:
+    try:
+        await awaitable
+    except Exception as exc:  # the channel is likely gone; the broker redelivers anyway
+        logger.debug("could not requeue: %s", exc)

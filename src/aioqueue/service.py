@@ -1,0 +1,131 @@
+"""One running aioqueue: broker, event log, job store and runner, wired and started in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from aioqueue.broker.base import Broker
+from aioqueue.broker.memory import MemoryBroker
+from aioqueue.config import BrokerSettings, Settings
+from aioqueue.errors import BrokerUnavailable, NotReady
+from aioqueue.eventlog import EventLog
+from aioqueue.jobs import Job
+from aioqueue.runner import Runner
+from aioqueue.store import JobStore
+from aioqueue.submission import build_spec
+
+if TYPE_CHECKING:
+    from aioqueue.app import App
+
+logger = logging.getLogger(__name__)
+
+
+def make_broker(settings: BrokerSettings, result_ttl: int) -> Broker:
+    if settings.url.startswith("memory:"):
+        return MemoryBroker(prefetch=settings.prefetch)
+    from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
+
+    return AmqpBroker(settings, result_ttl=result_ttl)
+
+
+class Service:
+    def __init__(self, app: App, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = JobStore(result_ttl=settings.jobs.result_ttl)
+        self.broker = make_broker(settings.broker, settings.jobs.result_ttl)
+        self.log = EventLog(self.broker, self.store, echo_timeout=settings.broker.confirm_timeout)
+        queues = app.queues
+        self.runner = Runner(
+            app.tasks,
+            settings.jobs,
+            self.log,
+            self.broker,
+            self.store,
+            submit=self.submit,
+            threads=max(4, settings.broker.prefetch * len(queues)),
+        )
+        self._replayed = False
+        self._stopping = False
+        self._expiry: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect, replay the event log into the store, then start consuming jobs."""
+        started = time.monotonic()
+        await self.broker.start(self.app.queues, self.log.on_log, self.runner.on_dead)
+        self.log.start()
+        await self._replay()
+        logger.info(
+            "event log replayed: %d jobs from %d entries in %.2f s",
+            len(self.store),
+            self.log.entries_applied,
+            time.monotonic() - started,
+        )
+        for queue in sorted(self.app.queues):
+            await self.broker.consume(queue, self.runner.on_delivery)
+        self._expiry = asyncio.create_task(self._expire_forever(), name="aioqueue-expiry")
+
+    async def _replay(self) -> None:
+        # The barrier's echo comes back after every older entry is applied. A long log may take
+        # longer than one echo timeout to replay: wait again while entries keep arriving.
+        while True:
+            try:
+                await self.log.barrier()
+            except BrokerUnavailable as exc:
+                logger.info(
+                    "replaying the event log: %d entries so far (%s)", self.log.entries_applied, exc
+                )
+                await asyncio.sleep(0.2)
+                continue
+            self._replayed = True
+            return
+
+    def stopping(self) -> None:
+        """From now on, refuse new work (503) and say so in /readyz."""
+        self._stopping = True
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._expiry is not None:
+            self._expiry.cancel()
+        with contextlib.suppress(Exception):
+            await self.broker.stop_consuming()
+        await self.log.close()
+        await self.broker.close()
+        self.runner.close()
+
+    def problem(self) -> str | None:
+        """None when ready to serve; else why not (for /readyz and 503s)."""
+        if self._stopping:
+            return "shutting down"
+        if not self._replayed:
+            return self.broker.problem() or "replaying the event log"
+        return self.broker.problem()
+
+    def check_replayed(self) -> None:
+        """NotReady (503) while the store is being rebuilt, or once shutting down."""
+        if self._stopping:
+            raise NotReady("shutting down")
+        if not self._replayed:
+            raise NotReady("replaying the event log")
+
+    async def submit(self, body: Any) -> Job:
+        """Check and publish a job; returns its record once the broker confirmed it."""
+        spec = build_spec(body, self.app.tasks, self.settings.jobs, now=time.time())
+        self.check_replayed()
+        await self.log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
+        job = self.store.get(spec["id"])
+        assert job is not None, "a submitted job is in the store once submit() returns"
+        return job
+
+    async def _expire_forever(self) -> None:
+        period = min(60.0, max(1.0, self.settings.jobs.result_ttl / 10))
+        while True:
+            await asyncio.sleep(period)
+            expired = self.store.expire()
+            if expired:
+                logger.info("forgot %d jobs finished more than result_ttl ago", expired)

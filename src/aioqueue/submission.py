@@ -1,0 +1,130 @@
+"""Checking a submit body (HTTP, websocket or Python API alike) and turning it into a job spec.
+
+One place for every rule, so that no entry point accepts what another refuses. A body with any
+fault raises before anything is published: a rejected job leaves no trace.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from aioqueue.config import JobsSettings
+from aioqueue.errors import FieldError, InvalidRequest, NotFound
+from aioqueue.tasks import Task
+
+FIELDS = frozenset(
+    {
+        "task",
+        "args",
+        "queue",
+        "priority",
+        "delay",
+        "run_at",
+        "max_attempts",
+        "timeout",
+        "ttl",
+        "idempotency_key",
+    }
+)
+#: Fields of the contract whose feature is not built yet: refused rather than ignored.
+NOT_BUILT = frozenset({"priority", "delay", "run_at", "ttl", "idempotency_key"})
+MAX_TIMEOUT = 30 * 86400.0
+
+
+def new_job_id() -> str:
+    """128 random bits, URL-safe: unguessable, and opaque to clients."""
+    return secrets.token_urlsafe(16)
+
+
+def build_spec(
+    body: object,
+    tasks: Mapping[str, Task[Any, Any]],
+    defaults: JobsSettings,
+    now: float,
+) -> dict[str, Any]:
+    """Check a submit body and return the job's spec; raises InvalidRequest or NotFound."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(
+            "the submit body must be a JSON object", [FieldError("body", "expected an object")]
+        )
+    name = body.get("task")
+    if not isinstance(name, str):
+        raise InvalidRequest(
+            "the task to run is missing", [FieldError("task", "required, a task name (string)")]
+        )
+    task = tasks.get(name)
+    if task is None:
+        raise NotFound(f"there is no task named {name[:200]!r}; GET /v1/tasks lists them")
+
+    errors = [FieldError(key, "unknown field") for key in body if key not in FIELDS]
+    errors += [
+        FieldError(key, "not supported by this version of aioqueue yet")
+        for key in NOT_BUILT
+        if body.get(key) is not None
+    ]
+    queue = _queue(body, task, {t.queue for t in tasks.values()}, errors)
+    max_attempts = _max_attempts(body, task, defaults, errors)
+    timeout = _timeout(body, task, defaults, errors)
+    args = body.get("args")
+    try:
+        task.signature.bind(args)
+    except InvalidRequest as exc:
+        errors += exc.errors
+    if errors:
+        raise InvalidRequest(f"the job for task {name!r} is invalid", errors)
+    return {
+        "id": new_job_id(),
+        "task": name,
+        "queue": queue,
+        "args": args,
+        "max_attempts": max_attempts,
+        "timeout": timeout,
+        "created_at": now,
+        "attempt": 1,
+    }
+
+
+def _queue(
+    body: dict[str, Any], task: Task[Any, Any], queues: set[str], errors: list[FieldError]
+) -> str:
+    queue = body.get("queue")
+    if queue is None:
+        return task.queue
+    if not isinstance(queue, str) or queue not in queues:
+        errors.append(FieldError("queue", f"expected one of the app's queues: {sorted(queues)}"))
+        return task.queue
+    return queue
+
+
+def _max_attempts(
+    body: dict[str, Any], task: Task[Any, Any], defaults: JobsSettings, errors: list[FieldError]
+) -> int:
+    value = body.get("max_attempts")
+    if value is None:
+        return task.max_attempts or defaults.max_attempts
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+        errors.append(FieldError("max_attempts", "expected an integer from 1 to 1000"))
+        return 1
+    return value
+
+
+def _timeout(
+    body: dict[str, Any], task: Task[Any, Any], defaults: JobsSettings, errors: list[FieldError]
+) -> float:
+    value = body.get("timeout")
+    if value is None:
+        return task.timeout or defaults.timeout
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_TIMEOUT
+    ):
+        errors.append(
+            FieldError("timeout", f"expected seconds, above 0 and at most {MAX_TIMEOUT:g}")
+        )
+        return 1.0
+    return float(value)

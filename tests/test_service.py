@@ -1,0 +1,236 @@
+"""The service in-process, on both brokers: submit, run, retry, fail, dedup, timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+
+from aioqueue import App, Context, InvalidRequest, NotFound, Settings, SyncContext
+from aioqueue.config import BrokerSettings, JobsSettings
+from aioqueue.jobs import Job
+from aioqueue.service import Service
+
+TERMINAL = {"succeeded", "failed", "dead", "cancelled"}
+
+
+def make_app(runs: list[tuple[str, int]]) -> App:
+    app = App()
+
+    @app.task
+    async def add(ctx: Context, a: int, b: int = 0) -> int:
+        runs.append((ctx.job_id, ctx.attempt))
+        await ctx.progress(0.5, "adding")
+        return a + b
+
+    @app.task
+    def square(ctx: SyncContext, x: int) -> int:
+        runs.append((ctx.job_id, ctx.attempt))
+        ctx.progress(1.0, "squared")
+        return x * x
+
+    @app.task(max_attempts=3, retry_backoff=0.0)
+    async def broken(ctx: Context) -> None:
+        runs.append((ctx.job_id, ctx.attempt))
+        raise RuntimeError(f"broken on attempt {ctx.attempt}")
+
+    @app.task(max_attempts=1, timeout=0.2)
+    async def sleepy(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    @app.task(max_attempts=1)
+    async def unserialisable() -> object:
+        return object()
+
+    @app.task
+    async def parent(ctx: Context) -> str:
+        child = await ctx.submit("add", {"a": 2, "b": 3})
+        return str(child["id"])
+
+    return app
+
+
+@pytest.fixture
+async def make_service(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+    started: list[Service] = []
+
+    async def make(app: App, **jobs: Any) -> Service:
+        settings = Settings(
+            broker=BrokerSettings(url=broker_url, prefix=prefix, confirm_timeout=3.0),
+            jobs=dataclasses.replace(JobsSettings(), **jobs),
+        )
+        service = Service(app, settings)
+        async with asyncio.timeout(30):
+            await service.start()
+        started.append(service)
+        return service
+
+    yield make
+    for service in started:
+        await service.close()
+
+
+async def until_terminal(service: Service, job_id: str, deadline: float = 15.0) -> Job:
+    await service.store.wait_terminal(job_id, deadline)
+    job = service.store.get(job_id)
+    assert job is not None and job.terminal, job
+    return job
+
+
+async def test_a_job_runs_and_its_result_is_recorded(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    events: list[str] = []
+    service.store.listeners.append(lambda event, job: events.append(event))
+    job = await service.submit({"task": "add", "args": {"a": 1, "b": 2}})
+    assert job.status.value == "queued"
+    done = await until_terminal(service, job.id)
+    assert done.to_dict()["result"] == 3 and done.status.value == "succeeded"
+    assert done.progress == {"value": 0.5, "message": "adding"}
+    assert events == ["queued", "started", "progress", "succeeded"]
+    assert runs == [(job.id, 1)]
+
+
+async def test_a_sync_task_runs_in_a_thread_with_blocking_progress(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "square", "args": [7]})
+    done = await until_terminal(service, job.id)
+    assert (done.status.value, done.result, done.progress) == (
+        "succeeded",
+        49,
+        {"value": 1.0, "message": "squared"},
+    )
+
+
+async def test_a_failing_task_is_retried_then_failed_and_dead_lettered(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "broken"})
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "failed"
+    assert done.attempt == 3
+    assert done.error is not None and done.error["message"] == "broken on attempt 3"
+    assert "RuntimeError" in done.error["traceback"]
+    assert runs == [(job.id, 1), (job.id, 2), (job.id, 3)]
+    assert await dead_letter_ids(service) == [job.id]
+
+
+async def dead_letter_ids(service: Service) -> list[str]:
+    """Ids of the job messages in the dead-letter queue (read without consuming them)."""
+    broker: Any = service.broker
+    if hasattr(broker, "dead_letters"):
+        return [orjson.loads(body)["id"] for body, _ in broker.dead_letters]
+    import aio_pika
+
+    connection = await aio_pika.connect(service.settings.broker.url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(broker.names["dlq"], passive=True)
+        ids = []
+        while (message := await queue.get(fail=False, no_ack=False)) is not None:
+            ids.append(orjson.loads(message.body)["id"])
+        return ids  # the channel closes unacked: the messages stay in the queue
+
+
+async def test_per_job_max_attempts_overrides_the_task(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "broken", "max_attempts": 1})
+    done = await until_terminal(service, job.id)
+    assert (done.status.value, len(runs)) == ("failed", 1)
+
+
+async def test_a_task_past_its_timeout_is_cancelled_and_failed(make_service: Any) -> None:
+    service = await make_service(make_app([]))
+    started = time.monotonic()
+    job = await service.submit({"task": "sleepy", "args": {"seconds": 30}})
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "failed" and done.error is not None
+    assert done.error["type"] == "TimeoutError"
+    assert "timed out after 0.2 s" in done.error["message"]
+    assert time.monotonic() - started < 5
+
+
+async def test_a_result_that_is_not_json_fails_the_job(make_service: Any) -> None:
+    service = await make_service(make_app([]))
+    job = await service.submit({"task": "unserialisable"})
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "failed" and done.error is not None
+    assert done.error["type"] == "TypeError"
+    assert done.error["message"].startswith("the task returned a value that is not JSON")
+
+
+async def test_a_task_can_submit_another_job(make_service: Any) -> None:
+    service = await make_service(make_app([]))
+    job = await service.submit({"task": "parent"})
+    done = await until_terminal(service, job.id)
+    child = await until_terminal(service, done.result)
+    assert (child.task, child.result) == ("add", 5)
+
+
+async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
+    make_service: Any,
+) -> None:
+    """At-most-once outcome: a second delivery of a recorded job does not run it again."""
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "add", "args": {"a": 1}})
+    done = await until_terminal(service, job.id)
+    await service.broker.publish(orjson.dumps(done.spec(attempt=1)), "default")
+    stale = await service.submit({"task": "add", "args": {"a": 2}})  # runs after the copy
+    await until_terminal(service, stale.id)
+    assert runs == [(job.id, 1), (stale.id, 1)]
+    assert service.store.get(job.id).result == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        pytest.param({"task": "add", "args": {"a": "1"}}, InvalidRequest, id="ill-typed"),
+        pytest.param({"task": "add", "args": {}}, InvalidRequest, id="missing"),
+        pytest.param({"task": "add", "args": {"a": 1, "c": 2}}, InvalidRequest, id="unknown-arg"),
+        pytest.param({"task": "add", "args": [1, 2, 3]}, InvalidRequest, id="too-many"),
+        pytest.param({"task": "add", "args": "1"}, InvalidRequest, id="args-not-container"),
+        pytest.param({"task": "nope"}, NotFound, id="unknown-task"),
+        pytest.param({"task": "add", "args": [1], "queue": "q2"}, InvalidRequest, id="bad-queue"),
+        pytest.param({"task": "add", "args": [1], "extra": 1}, InvalidRequest, id="unknown-field"),
+        pytest.param({"task": "add", "args": [1], "delay": 5}, InvalidRequest, id="not-built"),
+        pytest.param({"task": "add", "args": [1], "timeout": -1}, InvalidRequest, id="timeout"),
+        pytest.param([1, 2], InvalidRequest, id="not-an-object"),
+    ],
+)
+async def test_a_bad_submit_is_refused_and_leaves_no_trace(
+    make_service: Any, body: Any, error: type[Exception]
+) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    with pytest.raises(error):
+        await service.submit(body)
+    await service.log.barrier()
+    assert len(service.store) == 0
+    good = await service.submit({"task": "add", "args": [1]})
+    await until_terminal(service, good.id)
+    assert runs == [(good.id, 1)]  # nothing of the bad submit was queued ahead of it
+
+
+async def test_state_survives_a_restart_on_a_durable_broker(
+    make_service: Any, broker_url: str
+) -> None:
+    """Jobs finished before a restart are still there after it (RabbitMQ: the event log)."""
+    app = make_app([])
+    first = await make_service(app)
+    job = await first.submit({"task": "add", "args": {"a": 20, "b": 22}})
+    await until_terminal(first, job.id)
+    await first.close()
+    second = await make_service(app)
+    again = second.store.get(job.id)
+    if broker_url.startswith("memory"):
+        assert again is None  # the embedded broker keeps nothing, as it says at start-up
+    else:
+        assert again is not None and again.to_dict() == first.store.get(job.id).to_dict()

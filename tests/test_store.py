@@ -1,0 +1,122 @@
+"""The job store: listing, paging, expiry and waiting, with a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from aioqueue.errors import InvalidRequest
+from aioqueue.jobs import JobStatus
+from aioqueue.store import JobStore
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spec(n: int) -> dict[str, Any]:
+    return {
+        "id": f"job{n}",
+        "task": "even" if n % 2 == 0 else "odd",
+        "queue": "default",
+        "args": [n],
+        "max_attempts": 1,
+        "timeout": 1.0,
+        "created_at": 1000.0 + n,
+        "attempt": 1,
+    }
+
+
+def finish(store: JobStore, n: int, at: float) -> None:
+    store.apply({"job": f"job{n}", "event": "started", "attempt": 1, "at": at})
+    store.apply({"job": f"job{n}", "event": "succeeded", "attempt": 1, "at": at, "result": n})
+
+
+def test_creating_a_known_job_again_changes_nothing() -> None:
+    store = JobStore(result_ttl=60)
+    assert store.create(spec(1)) is not None
+    finish(store, 1, 1001.0)
+    assert store.create(spec(1)) is None
+    assert store.get("job1").status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_pages_are_newest_first_and_stable_while_jobs_are_added() -> None:
+    store = JobStore(result_ttl=60)
+    for n in range(10):
+        store.create(spec(n))
+    page, cursor = store.list(limit=4)
+    assert [j.id for j in page] == ["job9", "job8", "job7", "job6"]
+    store.create(spec(10))  # a new job does not shift the next page
+    page, cursor = store.list(limit=4, cursor=cursor)
+    assert [j.id for j in page] == ["job5", "job4", "job3", "job2"]
+    page, cursor = store.list(limit=4, cursor=cursor)
+    assert ([j.id for j in page], cursor) == (["job1", "job0"], None)
+
+
+def test_filters_combine() -> None:
+    store = JobStore(result_ttl=60)
+    for n in range(6):
+        store.create(spec(n))
+    finish(store, 2, 1010.0)
+    finish(store, 3, 1010.0)
+    page, _ = store.list(statuses={JobStatus.SUCCEEDED}, task="even")
+    assert [j.id for j in page] == ["job2"]
+    page, _ = store.list(statuses={JobStatus.QUEUED, JobStatus.SUCCEEDED}, task="odd")
+    assert [j.id for j in page] == ["job5", "job3", "job1"]
+
+
+def test_finished_jobs_are_forgotten_after_result_ttl_and_pending_ones_kept() -> None:
+    clock = Clock()
+    store = JobStore(result_ttl=60, clock=clock)
+    for n in range(3):
+        store.create(spec(n))
+    finish(store, 0, 1000.0)
+    finish(store, 1, 1050.0)
+    clock.now = 1070.0
+    assert store.expire() == 1
+    assert store.get("job0") is None and store.get("job1") is not None
+    assert [j.id for j in store.list()[0]] == ["job2", "job1"]
+
+
+def test_expired_entries_are_compacted_and_cursors_still_work() -> None:
+    clock = Clock()
+    store = JobStore(result_ttl=1, clock=clock)
+    for n in range(3000):
+        store.create(spec(n))
+        if n < 2900:
+            finish(store, n, 1000.0)
+    _, cursor = store.list(limit=50)
+    clock.now = 2000.0
+    assert store.expire() == 2900
+    assert len(store) == 100
+    rest, _ = store.list(limit=1000, cursor=cursor)
+    assert [j.id for j in rest] == [f"job{n}" for n in range(2949, 2899, -1)]
+
+
+@pytest.mark.parametrize("cursor", ["", "!!", "LTE", "bm9wZQ"])
+def test_a_bad_cursor_is_a_400(cursor: str) -> None:
+    with pytest.raises(InvalidRequest):
+        JobStore(result_ttl=1).list(cursor=cursor or "=")
+
+
+async def test_wait_terminal_returns_when_the_job_finishes() -> None:
+    store = JobStore(result_ttl=60)
+    store.create(spec(1))
+    waiter = asyncio.create_task(store.wait_terminal("job1", within=5))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    finish(store, 1, 1001.0)
+    await asyncio.wait_for(waiter, 1)
+
+
+async def test_wait_terminal_gives_up_after_its_time() -> None:
+    store = JobStore(result_ttl=60)
+    store.create(spec(1))
+    await asyncio.wait_for(store.wait_terminal("job1", within=0.05), 1)
+    assert store._terminal_waiters == {}
