@@ -1,0 +1,3 @@
+from aioqueue.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""The `aioqueue` command: serve, submit, jobs, job, check.
+
+Exit codes: 0 success, 1 the job or the check failed, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from aioqueue import client, logs
+from aioqueue.config import Settings, describe, load
+from aioqueue.errors import AioqueueError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aioqueue",
+        description="Background jobs over HTTP and websockets, on RabbitMQ.",
+        epilog="Configuration: config.toml and AIOQUEUE_* variables; see `aioqueue serve --help`.",
+    )
+    parser.add_argument(
+        "--config", help="path of config.toml (default: $AIOQUEUE_CONFIG, ./config.toml)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = "\n".join(f"  {key:<26} {env:<34} {default!r}" for key, env, default in describe())
+    serve = commands.add_parser(
+        "serve",
+        help="run the service (HTTP API, websockets, consumers)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Settings (config.toml key, environment variable, default):\n{keys}",
+    )
+    serve.add_argument(
+        "app", nargs="?", help="the App to serve, as module:attribute (default: `app` in config)"
+    )
+    serve.add_argument("--host", help="address to listen on (http.host)")
+    serve.add_argument("--port", type=int, help="port to listen on, 0 for any free one (http.port)")
+    serve.add_argument(
+        "--broker", metavar="URL", help="memory:// or amqp://user:pass@host:5672/vhost (broker.url)"
+    )
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    submit = commands.add_parser("submit", help="submit a job over HTTP; --wait shows its progress")
+    submit.add_argument("task", help="the task's name")
+    submit.add_argument(
+        "--args", default="null", help='arguments as JSON: an object {"x": 1} or an array [1, 2]'
+    )
+    submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--timeout", type=float, help="seconds the task may run")
+    submit.add_argument(
+        "--wait", action="store_true", help="follow the job to its end and print its result"
+    )
+
+    jobs = commands.add_parser("jobs", help="list recent jobs as a table")
+    jobs.add_argument("--status", help="one or several statuses, comma-separated")
+    jobs.add_argument("--task", help="only jobs of this task")
+    jobs.add_argument("--limit", type=int, default=20)
+
+    job = commands.add_parser("job", help="show one job")
+    job.add_argument("id")
+
+    commands.add_parser("check", help="validate the config, reach the broker, declare the topology")
+    for sub in (submit, jobs, job):
+        sub.add_argument(
+            "--url", help="the service's base URL (default: from http.host and http.port)"
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load(args.config, overrides=_overrides(args))
+        if args.command == "serve":
+            logs.configure(args.log_level)
+            return asyncio.run(_serve(settings))
+        if args.command == "check":
+            logs.configure("error")
+            return asyncio.run(_check(settings))
+        return asyncio.run(_client_command(args, settings))
+    except ConfigError as exc:
+        print(f"aioqueue: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    if args.command != "serve":
+        return {}
+    return {
+        "app": args.app,
+        "http.host": args.host,
+        "http.port": args.port,
+        "broker.url": args.broker,
+    }
+
+
+def load_app(spec: str | None) -> Any:
+    """Import `module:attribute`; the current directory is importable, as with `python -m`."""
+    from aioqueue.app import App
+
+    if not spec:
+        raise ConfigError(
+            "no app to serve: pass module:attribute, or set `app` in config.toml or AIOQUEUE_APP"
+        )
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"app = {spec!r}: cannot import it: {exc}") from None
+    if not isinstance(target, App):
+        raise ConfigError(f"app = {spec!r}: expected an aioqueue.App, got {type(target).__name__}")
+    return target
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from aioqueue.web.app import create_app
+
+    app = load_app(settings.app)
+    runner = web.AppRunner(create_app(app, settings), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.http.host, settings.http.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"aioqueue serving {settings.app} on http://{host}:{port}", flush=True)
+    print(
+        f"  broker: {redact(settings.broker.url)}; tasks: {', '.join(sorted(app.tasks))}",
+        flush=True,
+    )
+    if settings.broker.url.startswith("memory:"):
+        print(
+            "  WARNING: memory:// is the embedded broker: one process, and NOTHING survives a"
+            " restart. Use amqp:// (RabbitMQ) for anything real.",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("stopping")
+    await runner.cleanup()
+    return EXIT_OK
+
+
+async def _check(settings: Settings) -> int:
+    from aioqueue.service import Service
+
+    app = load_app(settings.app)
+    service = Service(app, settings)
+    try:
+        async with asyncio.timeout(settings.broker.confirm_timeout * 4):
+            await service.start()
+    except (AioqueueError, TimeoutError) as exc:
+        reason = str(exc) or service.problem() or "no answer in time"
+        print(f"aioqueue check: FAILED: {reason}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        with contextlib.suppress(Exception):
+            await service.close()
+    print(f"aioqueue check: ok: config valid, broker {redact(settings.broker.url)} reached,")
+    print(f"  topology declared for queues {', '.join(sorted(app.queues))};")
+    print(f"  {len(service.store)} jobs in the event log; tasks: {', '.join(sorted(app.tasks))}")
+    return EXIT_OK
+
+
+async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
+    base = args.url or client.default_url(settings)
+    async with client.Client(base) as api:
+        try:
+            if args.command == "submit":
+                return await _submit(api, args)
+            if args.command == "jobs":
+                page = await api.list_jobs(status=args.status, task=args.task, limit=args.limit)
+                print(client.jobs_table(page["jobs"]))
+                return EXIT_OK
+            print(orjson.dumps(await api.get_job(args.id), option=orjson.OPT_INDENT_2).decode())
+            return EXIT_OK
+        except client.ApiError as exc:
+            print(f"aioqueue: {exc}", file=sys.stderr)
+            return EXIT_USAGE if exc.status in (400, 404, 413, 415) else EXIT_FAILED
+
+
+async def _submit(api: client.Client, args: argparse.Namespace) -> int:
+    try:
+        job_args = orjson.loads(args.args)
+    except orjson.JSONDecodeError as exc:
+        print(f"aioqueue: --args is not JSON: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    body: dict[str, Any] = {"task": args.task, "args": job_args}
+    if args.max_attempts is not None:
+        body["max_attempts"] = args.max_attempts
+    if args.timeout is not None:
+        body["timeout"] = args.timeout
+    if not args.wait:
+        job = await api.submit(body)
+        print(job["id"])
+        return EXIT_OK
+    job = await api.submit_and_follow(body, client.ProgressBar(sys.stderr))
+    print(
+        orjson.dumps(
+            job["result"] if job["status"] == "succeeded" else job, option=orjson.OPT_INDENT_2
+        ).decode()
+    )
+    return EXIT_OK if job["status"] == "succeeded" else EXIT_FAILED

@@ -1,0 +1,150 @@
+"""A small HTTP and websocket client of the aioqueue API, used by the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from types import TracebackType
+from typing import Any, TextIO
+
+import aiohttp
+import orjson
+
+from aioqueue.config import Settings
+
+TERMINAL = {"succeeded", "failed", "dead", "cancelled"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"{status}: {detail}")
+        self.status = status
+
+
+def default_url(settings: Settings) -> str:
+    host = settings.http.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{settings.http.port}"
+
+
+class Client:
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = aiohttp.ClientSession(json_serialize=lambda v: orjson.dumps(v).decode())
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._session.close()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            async with self._session.request(method, self.base_url + path, **kwargs) as response:
+                data = orjson.loads(await response.read() or b"null")
+                if response.status >= 400:
+                    detail = data.get("detail") if isinstance(data, dict) else None
+                    errors = data.get("errors") if isinstance(data, dict) else None
+                    if errors:
+                        detail = f"{detail}: " + "; ".join(
+                            f"{e['field']}: {e['message']}" for e in errors
+                        )
+                    raise ApiError(response.status, detail or response.reason or "error")
+                return data
+        except aiohttp.ClientConnectionError as exc:
+            raise ApiError(0, f"cannot reach {self.base_url}: {exc}") from None
+
+    async def submit(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", "/v1/jobs", json=body)
+        return result
+
+    async def get_job(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")
+        return result
+
+    async def list_jobs(self, status: str | None, task: str | None, limit: int) -> dict[str, Any]:
+        params = {"limit": str(limit)}
+        if status:
+            params["status"] = status
+        if task:
+            params["task"] = task
+        result: dict[str, Any] = await self._call("GET", "/v1/jobs", params=params)
+        return result
+
+    async def submit_and_follow(self, body: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
+        """Submit, then follow the job's events over the websocket until it is terminal."""
+        async with self._session.ws_connect(self.base_url + "/v1/ws") as ws:
+            job = await self.submit(body)
+            await ws.send_str(
+                orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode()
+            )
+            async for message in ws:
+                frame = orjson.loads(message.data)
+                if frame.get("type") == "error":
+                    raise ApiError(0, f"{frame['code']}: {frame['message']}")
+                if frame.get("type") != "job":
+                    continue
+                job = dict(frame["job"])
+                bar.update(job)
+                if job["status"] in TERMINAL:
+                    bar.finish()
+                    return job
+        raise ApiError(0, "the websocket closed before the job finished")
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal; plain lines when the output is not one."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._tty = out.isatty()
+        self._last: tuple[Any, ...] | None = None
+
+    def update(self, job: dict[str, Any]) -> None:
+        progress = job.get("progress") or {}
+        value = progress.get("value")
+        state = (job["status"], value, progress.get("message"))
+        if state == self._last:
+            return
+        self._last = state
+        message = progress.get("message") or ""
+        if value is None:
+            line = f"{job['status']:<10} {message}"
+        else:
+            width = max(10, min(40, shutil.get_terminal_size().columns - 40))
+            filled = int(width * value)
+            bar = "#" * filled + "-" * (width - filled)
+            line = f"{job['status']:<10} [{bar}] {value * 100:5.1f}% {message}"
+        if self._tty:
+            self._out.write("\r\x1b[2K" + line)
+        else:
+            self._out.write(line + "\n")
+        self._out.flush()
+
+    def finish(self) -> None:
+        if self._tty:
+            self._out.write("\n")
+            self._out.flush()
+
+
+def jobs_table(jobs: list[dict[str, Any]]) -> str:
+    """Jobs as a fixed-width table, newest first."""
+    rows = [("ID", "TASK", "STATUS", "ATTEMPT", "CREATED", "FINISHED")]
+    for job in jobs:
+        attempt = f"{job['attempt']}/{job['max_attempts']}"
+        created = (job["created_at"] or "")[:19]
+        finished = (job["finished_at"] or "")[:19]
+        rows.append((job["id"], job["task"], job["status"], attempt, created, finished))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    if not jobs:
+        lines.append("(no jobs)")
+    return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,78 @@
+"""The aiohttp application: routes, and the service's life tied to the application's."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from aiohttp import WSCloseCode, web
+
+from aioqueue.config import Settings
+from aioqueue.web import handlers
+from aioqueue.web.problems import problem_middleware
+from aioqueue.web.state import STATE, State
+from aioqueue.web.ws import websocket
+
+if TYPE_CHECKING:
+    from aioqueue.app import App
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(app: App, settings: Settings) -> web.Application:
+    """A standalone aiohttp application serving `app` (what `aioqueue serve` runs)."""
+    web_app = web.Application(
+        client_max_size=settings.http.max_body_bytes, middlewares=[problem_middleware]
+    )
+    install(web_app, app, settings)
+    return web_app
+
+
+def install(web_app: web.Application, app: App, settings: Settings) -> None:
+    """Add aioqueue's routes and lifecycle to an aiohttp application (`App.mount`)."""
+    web_app[STATE] = State(app=app, settings=settings)
+    web_app.router.add_post("/v1/jobs", handlers.submit_job)
+    web_app.router.add_get("/v1/jobs", handlers.list_jobs)
+    web_app.router.add_get("/v1/jobs/{id}", handlers.get_job)
+    web_app.router.add_get("/v1/tasks", handlers.list_tasks)
+    web_app.router.add_get("/v1/ws", websocket)
+    web_app.router.add_get("/healthz", handlers.healthz)
+    web_app.router.add_get("/readyz", handlers.readyz)
+    web_app.cleanup_ctx.append(_lifecycle)
+    web_app.on_shutdown.append(_close_websockets)
+
+
+async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
+    from aioqueue.service import Service
+
+    state = web_app[STATE]
+    service = Service(state.app, state.settings)
+    service.store.listeners.append(state.hub.on_job_change)
+    state.service = state.app.service = service
+    # Start in the background: the HTTP server answers at once (/readyz says 503 until the
+    # broker is reached and the event log replayed).
+    starting = asyncio.create_task(service.start(), name="aioqueue-start")
+    starting.add_done_callback(_report_start_failure)
+    yield
+    starting.cancel()
+    with contextlib.suppress(BaseException):
+        await starting
+    await service.close()
+    state.service = state.app.service = None
+
+
+async def _close_websockets(web_app: web.Application) -> None:
+    # on_shutdown: aiohttp waits for open handlers before it runs the cleanup above.
+    state = web_app[STATE]
+    if state.service is not None:
+        state.service.stopping()
+    for conn in list(state.connections):
+        conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
+
+
+def _report_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("aioqueue could not start: %s", task.exception(), exc_info=task.exception())

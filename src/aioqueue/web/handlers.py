@@ -1,0 +1,142 @@
+"""The HTTP API (CONTRACT §2): thin handlers that check input, call the service, render JSON."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+from multidict import MultiMapping
+
+from aioqueue.errors import (
+    FieldError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from aioqueue.jobs import JobStatus
+from aioqueue.web.problems import problem, problems
+from aioqueue.web.state import STATE
+
+#: `?wait=` above this many seconds counts as this many.
+MAX_WAIT = 60.0
+MAX_LIMIT = 1000
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON: 415 unless declared JSON, 413 if too large, 400 if not JSON."""
+    mime = request.content_type
+    if mime != "application/json" and not (
+        mime.startswith("application/") and mime.endswith("+json")
+    ):
+        raise UnsupportedMediaType(f"send the body as application/json, not {mime or 'nothing'}")
+    limit = request.app[STATE].settings.http.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes (http.max_body_bytes)")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    if len(body) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes (http.max_body_bytes)")
+    if not body:
+        raise InvalidRequest("the body is empty; send a JSON object", [FieldError("body", "empty")])
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"the body is not valid JSON: {exc}", [FieldError("body", str(exc))]
+        ) from None
+
+
+def _check_query(query: MultiMapping[str], allowed: set[str]) -> None:
+    errors = [FieldError(key, "unknown query parameter") for key in query if key not in allowed]
+    errors += [
+        FieldError(k, "given more than once") for k in allowed if len(query.getall(k, [])) > 1
+    ]
+    if errors:
+        raise InvalidRequest("invalid query parameters", errors)
+
+
+@problems
+async def submit_job(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    service = state.ready_service()
+    job = await service.submit(await read_json(request))
+    return json_response(job.to_dict(), status=202)
+
+
+@problems
+async def get_job(request: web.Request) -> web.StreamResponse:
+    service = request.app[STATE].ready_service()
+    _check_query(request.query, {"wait"})
+    wait = request.query.get("wait")
+    seconds = 0.0 if wait is None else _wait_seconds(wait)
+    job_id = request.match_info["id"]
+    if service.store.get(job_id) is None:
+        raise NotFound(f"no job {job_id[:100]!r}")
+    await service.store.wait_terminal(job_id, seconds)
+    job = service.store.get(job_id)
+    if job is None:  # expired while waiting
+        raise NotFound(f"no job {job_id[:100]!r}")
+    return json_response(job.to_dict())
+
+
+def _wait_seconds(raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidRequest("invalid wait", [FieldError("wait", "expected seconds, 0 to 60")])
+    return min(seconds, MAX_WAIT)
+
+
+@problems
+async def list_jobs(request: web.Request) -> web.StreamResponse:
+    service = request.app[STATE].ready_service()
+    query = request.query
+    _check_query(query, {"status", "task", "limit", "cursor"})
+    errors: list[FieldError] = []
+    statuses: set[JobStatus] = set()
+    for name in filter(None, query.get("status", "").split(",")):
+        try:
+            statuses.add(JobStatus(name.strip()))
+        except ValueError:
+            errors.append(FieldError("status", f"unknown status {name[:40]!r}"))
+    limit_text = query.get("limit", "50")
+    limit = int(limit_text) if limit_text.isdigit() else 0
+    if not 1 <= limit <= MAX_LIMIT:
+        errors.append(FieldError("limit", f"expected an integer from 1 to {MAX_LIMIT}"))
+    if errors:
+        raise InvalidRequest("invalid query parameters", errors)
+    jobs, cursor = service.store.list(statuses, query.get("task"), limit, query.get("cursor"))
+    return json_response({"jobs": [job.to_dict() for job in jobs], "next": cursor})
+
+
+@problems
+async def list_tasks(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    defaults = state.settings.jobs
+    tasks = [task.describe(defaults) for task in state.app.tasks.values()]
+    return json_response({"tasks": tasks})
+
+
+@problems
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return json_response({"status": "ok"})
+
+
+@problems
+async def readyz(request: web.Request) -> web.StreamResponse:
+    service = request.app[STATE].service
+    reason = "starting" if service is None else service.problem()
+    if reason is not None:
+        return problem(503, "Not ready", reason, headers={"Retry-After": "1"})
+    return json_response({"status": "ready"})

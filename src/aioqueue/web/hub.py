@@ -1,0 +1,138 @@
+"""Fan-out of job events to websocket connections, without ever waiting on a slow client.
+
+Each connection has a bounded queue of frames and its own writer task; the hub only appends.
+Progress frames of one job coalesce (the newest replaces one still queued), so a client that
+reads slowly sees fewer progress updates, never an older one after a newer one. When a queue is
+full anyway, the connection is closed with 1013 ("try again later"): the client reconnects and
+resubscribes, and the snapshot it gets then carries everything it missed (G5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from aioqueue.jobs import Job
+
+logger = logging.getLogger(__name__)
+
+#: Close code for a client whose send buffer overflowed: "try again later".
+CLOSE_SLOW = 1013
+#: How long a close handshake may take before the connection is dropped.
+CLOSE_TIMEOUT = 1.0
+
+
+class Connection:
+    """One websocket client: its subscriptions and its bounded outgoing queue."""
+
+    def __init__(self, ws: web.WebSocketResponse, send_buffer: int) -> None:
+        self.ws = ws
+        self.subscriptions: set[str] = set()
+        self._limit = send_buffer
+        # Each slot is [frame, coalesce key]; `_coalescing` points at the slot still queued
+        # for a key, so a newer frame for it replaces the frame in place.
+        self._queue: collections.deque[list[bytes | str | None]] = collections.deque()
+        self._coalescing: dict[str, list[bytes | str | None]] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_forever(), name="aioqueue-ws-writer")
+
+    def send(self, frame: bytes, coalesce: str | None = None) -> None:
+        """Queue a frame; never blocks. Closes the connection if its buffer is full."""
+        if self._closing:
+            return
+        if coalesce is not None and (slot := self._coalescing.get(coalesce)) is not None:
+            slot[0] = frame
+            return
+        if len(self._queue) >= self._limit:
+            logger.info("websocket client too slow, %d frames queued: closing", len(self._queue))
+            self.close(CLOSE_SLOW, "send buffer full; reconnect and resubscribe")
+            return
+        slot = [frame, coalesce]
+        self._queue.append(slot)
+        if coalesce is not None:
+            self._coalescing[coalesce] = slot
+        self._wake.set()
+
+    async def _write_forever(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            frame, key = self._queue.popleft()
+            if key is not None:
+                del self._coalescing[key]  # type: ignore[arg-type]
+            assert isinstance(frame, bytes)
+            await self.ws.send_frame(frame, WSMsgType.TEXT)
+
+    def close(self, code: int, message: str) -> None:
+        """Stop writing and close the websocket in the background."""
+        if self._closing:
+            return
+        self._closing = True
+        self._writer.cancel()
+        task = asyncio.create_task(self._close(code, message))
+        _closing_tasks.add(task)
+        task.add_done_callback(_closing_tasks.discard)
+
+    async def _close(self, code: int, message: str) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=message.encode())
+                return
+        # The client does not read: its socket buffer is full and the close frame is stuck.
+        transport = self.ws._req.transport if self.ws._req is not None else None
+        if transport is not None:
+            transport.abort()
+
+    async def drain(self) -> None:
+        """Stop the writer (the websocket is closing)."""
+        self._closing = True
+        self._writer.cancel()
+        await asyncio.gather(self._writer, return_exceptions=True)
+
+
+_closing_tasks: set[asyncio.Task[None]] = set()
+
+
+class Hub:
+    """Channel name -> connections subscribed to it."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, set[Connection]] = {}
+
+    def subscribe(self, conn: Connection, channel: str) -> None:
+        self.channels.setdefault(channel, set()).add(conn)
+        conn.subscriptions.add(channel)
+
+    def unsubscribe(self, conn: Connection, channel: str) -> None:
+        conn.subscriptions.discard(channel)
+        subscribers = self.channels.get(channel)
+        if subscribers is not None:
+            subscribers.discard(conn)
+            if not subscribers:
+                del self.channels[channel]
+
+    def drop(self, conn: Connection) -> None:
+        for channel in list(conn.subscriptions):
+            self.unsubscribe(conn, channel)
+
+    def on_job_change(self, event: str, job: Job) -> None:
+        """Store listener: push the event to the job's channel, serialised once for everyone."""
+        channel = "job:" + job.id
+        subscribers = self.channels.get(channel)
+        if not subscribers:
+            return
+        frame = job_frame(channel, event, job)
+        coalesce = channel if event == "progress" else None
+        for conn in list(subscribers):
+            conn.send(frame, coalesce)
+
+
+def job_frame(channel: str, event: str, job: Job) -> bytes:
+    return orjson.dumps({"type": "job", "channel": channel, "event": event, "job": job.to_dict()})

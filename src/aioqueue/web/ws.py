@@ -1,0 +1,148 @@
+"""`GET /v1/ws`: the websocket protocol (CONTRACT §3). One JSON object per text frame.
+
+A bad frame gets an `error` frame and the connection stays open; a frame over
+`ws.max_frame_bytes` is closed by aiohttp with 1009.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from aioqueue.errors import BrokerUnavailable, InvalidRequest, NotFound, NotReady
+from aioqueue.web.hub import Connection, job_frame
+from aioqueue.web.state import STATE, State
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between server pings; a client that misses a pong is closed.
+HEARTBEAT = 30.0
+
+
+class FrameError(Exception):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    ws = web.WebSocketResponse(max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT)
+    await ws.prepare(request)
+    conn = Connection(ws, state.settings.ws.send_buffer)
+    state.connections.add(conn)
+    try:
+        async for message in ws:
+            if message.type is WSMsgType.TEXT:
+                await _on_frame(state, conn, message.data)
+            elif message.type is WSMsgType.BINARY:
+                _send(conn, _error("bad_frame", "binary frames are not accepted; send JSON text"))
+    finally:
+        state.connections.discard(conn)
+        state.hub.drop(conn)
+        await conn.drain()
+    return ws
+
+
+async def _on_frame(state: State, conn: Connection, data: str) -> None:
+    frame_id: Any = None
+    try:
+        frame = orjson.loads(data)
+        if not isinstance(frame, dict):
+            raise FrameError("bad_frame", "a frame is a JSON object with an 'op'")
+        frame_id = frame.get("id")
+        op = frame.get("op")
+        handler = OPS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise FrameError("unknown_op", f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        for reply in await handler(state, conn, frame):
+            _send(conn, reply, frame_id)
+    except orjson.JSONDecodeError as exc:
+        _send(conn, _error("bad_frame", f"not JSON: {exc}"))
+    except FrameError as exc:
+        _send(conn, _error(exc.code, exc.message, **exc.extra), frame_id)
+    except (BrokerUnavailable, NotReady) as exc:
+        _send(conn, _error("unavailable", f"try again shortly: {exc}"), frame_id)
+
+
+def _send(conn: Connection, reply: dict[str, Any] | bytes, frame_id: Any = None) -> None:
+    if isinstance(reply, dict):
+        if frame_id is not None:
+            reply["id"] = frame_id
+        reply = orjson.dumps(reply)
+    conn.send(reply)
+
+
+def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, **extra}
+
+
+def _channel(frame: dict[str, Any]) -> str:
+    channel = frame.get("channel")
+    if not isinstance(channel, str) or not channel:
+        raise FrameError("bad_frame", "'channel' must be a string like 'job:ID'")
+    if channel.startswith("topic:"):
+        raise FrameError("bad_frame", "topic channels are not built in this version")
+    if not channel.startswith("job:"):
+        raise FrameError("bad_frame", f"unknown channel {channel[:100]!r}; use 'job:ID'")
+    return channel
+
+
+async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    channel = _channel(frame)
+    service = state.ready_service()
+    job = service.store.get(channel[4:])
+    if job is None:
+        raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
+    limit = state.settings.ws.max_subscriptions
+    if channel not in conn.subscriptions and len(conn.subscriptions) >= limit:
+        raise FrameError("too_many_subscriptions", f"at most {limit} subscriptions per connection")
+    # Subscribing and taking the snapshot with no await in between: every later event follows
+    # the snapshot, none is missed and none comes twice.
+    state.hub.subscribe(conn, channel)
+    return [{"type": "subscribed", "channel": channel}, job_frame(channel, "snapshot", job)]
+
+
+async def _unsubscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    channel = frame.get("channel")
+    if not isinstance(channel, str):
+        raise FrameError("bad_frame", "'channel' must be a string")
+    state.hub.unsubscribe(conn, channel)
+    return [{"type": "unsubscribed", "channel": channel}]
+
+
+async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    body = frame.get("job")
+    if not isinstance(body, dict):
+        raise FrameError("invalid_job", "'job' must be an object: the submit body")
+    service = state.ready_service()
+    try:
+        job = await service.submit(body)
+    except InvalidRequest as exc:
+        errors = [error.to_dict() for error in exc.errors]
+        raise FrameError("invalid_job", exc.detail, errors=errors) from None
+    except NotFound as exc:
+        raise FrameError("not_found", exc.detail) from None
+    return [{"type": "submitted", "job": job.to_dict()}]
+
+
+async def _ping(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    return [{"type": "pong"}]
+
+
+async def _publish(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    raise FrameError("unknown_op", "publish: topics are not built in this version")
+
+
+OPS = {
+    "subscribe": _subscribe,
+    "unsubscribe": _unsubscribe,
+    "submit": _submit,
+    "publish": _publish,
+    "ping": _ping,
+}

@@ -1,0 +1,73 @@
+"""Tasks the end-to-end tests serve (`aioqueue serve tests.apps:app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from aioqueue import App, Context, SyncContext
+
+app = App()
+
+
+def _record(ctx: Context | SyncContext) -> None:
+    """Append (job id, attempt, pid) to $AQ_TEST_TASK_LOG: counts executions across crashes."""
+    path = os.environ.get("AQ_TEST_TASK_LOG")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{ctx.job_id} {ctx.attempt} {os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+@app.task
+async def echo(ctx: Context, value: Any = None) -> Any:
+    _record(ctx)
+    return value
+
+
+@app.task
+def square(ctx: SyncContext, x: int) -> int:
+    _record(ctx)
+    ctx.progress(0.5, "halfway")
+    return x * x
+
+
+@app.task(timeout=60.0)
+async def ticker(ctx: Context, steps: int = 5, interval: float = 0.05) -> int:
+    for step in range(1, steps + 1):
+        await asyncio.sleep(interval)
+        await ctx.progress(step / steps, f"step {step}")
+    return steps
+
+
+@app.task(max_attempts=3, retry_backoff=0.2, retry_backoff_max=1.0)
+async def always_fail(ctx: Context, message: str = "boom") -> None:
+    _record(ctx)
+    raise RuntimeError(f"{message} (attempt {ctx.attempt})")
+
+
+@app.task(max_attempts=3, retry_backoff=0.2)
+async def fail_then_succeed(ctx: Context, failures: int = 1) -> int:
+    if ctx.attempt <= failures:
+        raise ConnectionError(f"attempt {ctx.attempt} fails")
+    return ctx.attempt
+
+
+@app.task(max_attempts=1, timeout=0.3)
+async def sleeper(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+@app.task(queue="other")
+async def other_queue(n: int = 0) -> int:
+    return n + 1
+
+
+@app.task
+async def spawn(ctx: Context, value: int) -> str:
+    job = await ctx.submit("echo", {"value": value})
+    return str(job["id"])

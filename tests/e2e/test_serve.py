@@ -1,0 +1,183 @@
+"""End to end: the real `aioqueue serve` process, real HTTP and websocket clients, both brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.support import ROOT, ServeProcess, submit, wait_ready, wait_terminal
+
+StartServe = Callable[..., ServeProcess]
+
+
+@pytest.fixture
+def serve(broker_url: str, prefix: str, tmp_path: Path) -> Iterator[StartServe]:
+    started: list[ServeProcess] = []
+
+    def start(**env: str) -> ServeProcess:
+        process = ServeProcess(broker_url, prefix, env).start(tmp_path)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.proc is not None and process.proc.poll() is None:
+            process.kill()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def next_job_frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    while True:
+        frame = orjson.loads((await ws.receive(timeout=10)).data)
+        if frame["type"] == "job":
+            return dict(frame)
+
+
+async def test_http_submit_to_websocket_result(
+    serve: StartServe, http: aiohttp.ClientSession
+) -> None:
+    """A job submitted over HTTP pushes started, progress and its result to a subscriber."""
+    server = serve()
+    await wait_ready(http, server.url)
+    async with http.ws_connect(server.url + "/v1/ws") as ws:
+        job = await submit(
+            http, server.url, {"task": "ticker", "args": {"steps": 4, "interval": 0.1}}
+        )
+        await ws.send_str(orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode())
+        events: list[str] = []
+        while not events or events[-1] not in ("succeeded", "failed"):
+            events.append((await next_job_frame(ws))["event"])
+    assert events[0] == "snapshot" and events[-1] == "succeeded"
+    assert "progress" in events
+    record = await wait_terminal(http, server.url, job["id"])
+    assert (record["result"], record["progress"]["value"]) == (4, 1.0)
+
+
+async def test_retried_then_failed_with_every_attempt_run_once(
+    serve: StartServe, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    task_log = tmp_path / "runs.log"
+    server = serve(AQ_TEST_TASK_LOG=str(task_log))
+    await wait_ready(http, server.url)
+    job = await submit(http, server.url, {"task": "always_fail", "args": {"message": "nope"}})
+    record = await wait_terminal(http, server.url, job["id"], deadline=30)
+    assert (record["status"], record["attempt"]) == ("failed", 3)
+    assert record["error"]["message"] == "nope (attempt 3)"
+    runs = task_log.read_text().split("\n")[:-1]
+    assert [line.split()[:2] for line in runs] == [[job["id"], str(n)] for n in (1, 2, 3)]
+    listed = await (
+        await http.get(server.url + "/v1/jobs", params={"status": "failed,dead"})
+    ).json()
+    assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+
+
+@pytest.mark.parametrize(
+    "broker_url", [pytest.param("amqp", marks=pytest.mark.amqp)], indirect=True
+)
+async def test_finished_jobs_survive_a_restart_on_rabbitmq(
+    serve: StartServe, http: aiohttp.ClientSession
+) -> None:
+    first = serve()
+    await wait_ready(http, first.url)
+    jobs = [await submit(http, first.url, {"task": "echo", "args": {"value": n}}) for n in range(5)]
+    before = [await wait_terminal(http, first.url, job["id"]) for job in jobs]
+    assert first.stop() == 0
+    second = serve()
+    await wait_ready(http, second.url)
+    after = [await (await http.get(f"{second.url}/v1/jobs/{job['id']}")).json() for job in jobs]
+    assert after == before
+
+
+async def test_cli_submit_wait_shows_progress_and_prints_the_result(
+    serve: StartServe, http: aiohttp.ClientSession
+) -> None:
+    server = serve()
+    await wait_ready(http, server.url)
+    done = await run_cli(
+        "submit", "ticker", "--args", '{"steps": 3}', "--wait", "--url", server.url
+    )
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == 3
+    assert "[" in done.stderr and "100.0%" in done.stderr and "succeeded" in done.stderr
+    failed = await run_cli("submit", "always_fail", "--wait", "--url", server.url)
+    assert failed.returncode == 1
+    assert orjson.loads(failed.stdout)["status"] == "failed"
+    bad = await run_cli("submit", "echo", "--args", '{"nope": 1}', "--url", server.url)
+    assert bad.returncode == 2 and "args.nope" in bad.stderr
+    table = await run_cli("jobs", "--url", server.url)
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == [
+        "ID",
+        "TASK",
+        "STATUS",
+    ]
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "aioqueue", *args]
+    environ = {**ServeProcess("memory://", "x").environ(), **(env or {})}
+    return await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_sigterm_closes_websockets_with_1001_and_exits_0(
+    serve: StartServe, http: aiohttp.ClientSession
+) -> None:
+    server = serve()
+    await wait_ready(http, server.url)
+    async with http.ws_connect(server.url + "/v1/ws") as ws:
+        await ws.send_str('{"op": "ping"}')
+        await ws.receive(timeout=5)
+        server.signal(signal.SIGTERM)
+        message = await ws.receive(timeout=10)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        pytest.param({"AIOQUEUE_HTTP__PORT": "eighty"}, "http.port = 'eighty'", id="bad-port"),
+        pytest.param({"AIOQUEUE_HTTP__PROT": "1"}, "AIOQUEUE_HTTP__PORT", id="typo"),
+        pytest.param({"AIOQUEUE_APP": "tests.nothing:app"}, "cannot import", id="bad-app"),
+        pytest.param({"AIOQUEUE_BROKER__URL": "redis://x"}, "broker.url", id="bad-url"),
+    ],
+)
+async def test_a_bad_config_stops_start_up_with_one_line(env: dict[str, str], needle: str) -> None:
+    done = await run_cli("serve", env=env)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+
+
+async def test_check_passes_on_a_reachable_broker(broker_url: str, prefix: str) -> None:
+    done = await run_cli(
+        "check", env={"AIOQUEUE_BROKER__URL": broker_url, "AIOQUEUE_BROKER__PREFIX": prefix}
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout
+
+
+async def test_check_fails_clearly_on_an_unreachable_broker() -> None:
+    env = {
+        "AIOQUEUE_BROKER__URL": "amqp://guest:guest@127.0.0.1:1/",
+        "AIOQUEUE_BROKER__CONFIRM_TIMEOUT": "0.5",
+    }
+    done = await run_cli("check", env=env)
+    assert done.returncode == 1 and "FAILED" in done.stderr

@@ -1,0 +1,298 @@
+"""The HTTP API and websocket protocol in-process (memory broker): answers and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient
+
+from aioqueue import App, Context, Settings
+from aioqueue.config import HttpSettings, WsSettings
+from aioqueue.web.app import create_app
+from aioqueue.web.state import STATE
+
+Client = TestClient[web.Request, web.Application]
+JSON = {"Content-Type": "application/json"}
+
+
+def make_app() -> App:
+    app = App()
+
+    @app.task
+    async def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    @app.task(timeout=10)
+    async def ticker(ctx: Context, steps: int = 3, interval: float = 0.02) -> str:
+        for step in range(1, steps + 1):
+            await asyncio.sleep(interval)
+            await ctx.progress(step / steps, f"step {step}")
+        return "done"
+
+    @app.task(max_attempts=2, retry_backoff=0.0)
+    async def broken() -> None:
+        raise ValueError("nope")
+
+    return app
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> Client:
+    settings = Settings(
+        http=HttpSettings(max_body_bytes=4096),
+        ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
+    )
+    test_client = await aiohttp_client(create_app(make_app(), settings))
+    deadline = time.monotonic() + 10
+    while (await test_client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        await asyncio.sleep(0.01)
+    return test_client
+
+
+def job_count(client: Client) -> int:
+    service = client.app[STATE].service
+    assert service is not None
+    return len(service.store)
+
+
+async def submit(client: Client, body: Any) -> dict[str, Any]:
+    response = await client.post("/v1/jobs", data=orjson.dumps(body), headers=JSON)
+    assert response.status == 202, await response.text()
+    return dict(await response.json())
+
+
+async def test_submit_then_long_poll_until_succeeded(client: Client) -> None:
+    job = await submit(client, {"task": "add", "args": {"a": 2, "b": 3}})
+    assert job["status"] == "queued" and len(job["id"]) >= 21
+    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+    record = await response.json()
+    assert (response.status, record["status"], record["result"]) == (200, "succeeded", 5)
+
+
+async def test_wait_returns_after_its_time_when_the_job_is_not_done(client: Client) -> None:
+    job = await submit(client, {"task": "ticker", "args": {"steps": 50, "interval": 0.1}})
+    started = time.monotonic()
+    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": "0.3"})
+    assert response.status == 200 and (await response.json())["status"] != "succeeded"
+    assert 0.25 < time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "field"),
+    [
+        pytest.param(b"{", JSON, 400, "body", id="bad-json"),
+        pytest.param(b"", JSON, 400, "body", id="empty"),
+        pytest.param(b'{"task": "add", "args": [1]}', {"Content-Type": "text/plain"}, 415, None, id="text"),
+        pytest.param(b'{"task": "add"}', {}, 415, None, id="no-content-type"),
+        pytest.param(b"[1]", JSON, 400, "body", id="array"),
+        pytest.param(b'{"args": [1]}', JSON, 400, "task", id="no-task"),
+        pytest.param(b'{"task": "nope"}', JSON, 404, None, id="unknown-task"),
+        pytest.param(b'{"task": "add", "args": {"a": true}}', JSON, 400, "args.a", id="bool-for-int"),
+        pytest.param(b'{"task": "add", "args": {"a": 1.0}}', JSON, 400, "args.a", id="float-for-int"),
+        pytest.param(b'{"task": "add", "args": {}}', JSON, 400, "args.a", id="missing-arg"),
+        pytest.param(b'{"task": "add", "args": {"a": 1, "z": 1}}', JSON, 400, "args.z", id="unknown-arg"),
+        pytest.param(b'{"task": "add", "args": [1], "max_attempts": 0}', JSON, 400, "max_attempts", id="attempts"),
+        pytest.param(b'{"task": "add", "args": [1], "run_at": "2030-01-01T00:00:00Z"}', JSON, 400, "run_at", id="run-at"),
+        pytest.param(b'{"a": "\xff"}', JSON, 400, "body", id="invalid-utf8"),
+        pytest.param(b'{"a": "\\ud800"}', JSON, 400, "body", id="lone-surrogate"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, JSON, 413, None, id="deep-and-too-large"),
+        pytest.param(b"[" * 1000 + b"]" * 1000, JSON, 400, "body", id="deep-nesting"),
+        pytest.param(b'{"task": "add", "args": [1], "pad": "' + b"x" * 5000 + b'"}', JSON, 413, None, id="too-large"),
+    ],
+)  # fmt: skip
+async def test_a_bad_submit_gets_a_precise_problem_and_changes_nothing(
+    client: Client, body: bytes, headers: dict[str, str], status: int, field: str | None
+) -> None:
+    response = await client.post("/v1/jobs", data=body, headers=headers)
+    assert response.status == status
+    assert response.content_type == "application/problem+json"
+    problem = await response.json()
+    assert problem["status"] == status and problem["title"] and problem["detail"]
+    assert "Traceback" not in await response.text()
+    if field is not None:
+        assert field in [error["field"] for error in problem["errors"]]
+    assert job_count(client) == 0
+
+
+async def test_every_bad_field_is_reported_at_once(client: Client) -> None:
+    body = {"task": "add", "args": {"a": "x", "b": None}, "timeout": 0}
+    response = await client.post("/v1/jobs", data=orjson.dumps(body), headers=JSON)
+    fields = sorted(error["field"] for error in (await response.json())["errors"])
+    assert (response.status, fields) == (400, ["args.a", "args.b", "timeout"])
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        pytest.param("/v1/jobs/unknown", 404, id="unknown-job"),
+        pytest.param("/v1/jobs/x?wait=abc", 400, id="wait-not-a-number"),
+        pytest.param("/v1/jobs/x?wait=-1", 400, id="wait-negative"),
+        pytest.param("/v1/jobs?limit=0", 400, id="limit-0"),
+        pytest.param("/v1/jobs?limit=1001", 400, id="limit-too-big"),
+        pytest.param("/v1/jobs?limit=x", 400, id="limit-nan"),
+        pytest.param("/v1/jobs?status=done", 400, id="unknown-status"),
+        pytest.param("/v1/jobs?cursor=!!", 400, id="bad-cursor"),
+        pytest.param("/v1/jobs?colour=red", 400, id="unknown-param"),
+        pytest.param("/v1/nothing", 404, id="unknown-route"),
+    ],
+)
+async def test_bad_queries_get_problems(client: Client, path: str, status: int) -> None:
+    response = await client.get(path)
+    assert (response.status, response.content_type) == (status, "application/problem+json")
+
+
+async def test_wrong_method_is_a_405_problem(client: Client) -> None:
+    response = await client.put("/v1/jobs")
+    assert (response.status, response.content_type) == (405, "application/problem+json")
+
+
+async def test_list_is_newest_first_filtered_and_paged(client: Client) -> None:
+    ids = [(await submit(client, {"task": "add", "args": [n]}))["id"] for n in range(5)]
+    failed = await submit(client, {"task": "broken"})
+    await client.get(f"/v1/jobs/{failed['id']}", params={"wait": "5"})
+    for job_id in ids:
+        await client.get(f"/v1/jobs/{job_id}", params={"wait": "5"})
+    page = await (await client.get("/v1/jobs", params={"task": "add", "limit": "3"})).json()
+    assert [job["id"] for job in page["jobs"]] == ids[::-1][:3]
+    rest = await (
+        await client.get("/v1/jobs", params={"task": "add", "cursor": page["next"]})
+    ).json()
+    assert [job["id"] for job in rest["jobs"]] == ids[::-1][3:] and rest["next"] is None
+    dead = await (await client.get("/v1/jobs", params={"status": "failed,dead"})).json()
+    assert [job["id"] for job in dead["jobs"]] == [failed["id"]]
+
+
+async def test_tasks_are_described(client: Client) -> None:
+    tasks = {task["name"]: task for task in (await (await client.get("/v1/tasks")).json())["tasks"]}
+    assert tasks["add"] == {
+        "name": "add",
+        "queue": "default",
+        "params": [
+            {"name": "a", "type": "int", "required": True, "default": None},
+            {"name": "b", "type": "int", "required": False, "default": 0},
+        ],
+        "max_attempts": 3,
+        "timeout": 300.0,
+    }
+
+
+async def test_health_and_readiness(client: Client) -> None:
+    assert (await client.get("/healthz")).status == 200
+    assert await (await client.get("/readyz")).json() == {"status": "ready"}
+
+
+# Websocket ----------------------------------------------------------------------------------
+
+
+async def receive(ws: Any, deadline: float = 5.0) -> dict[str, Any]:
+    message = await ws.receive(timeout=deadline)
+    assert message.type is WSMsgType.TEXT, message
+    return dict(orjson.loads(message.data))
+
+
+async def test_subscribe_gets_a_snapshot_then_every_event(client: Client) -> None:
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str(
+            '{"op": "submit", "id": 7, "job": {"task": "ticker", "args": {"interval": 0.1}}}'
+        )
+        submitted = await receive(ws)
+        assert (submitted["type"], submitted["id"]) == ("submitted", 7)
+        channel = f"job:{submitted['job']['id']}"
+        await ws.send_str(orjson.dumps({"op": "subscribe", "channel": channel}).decode())
+        assert await receive(ws) == {"type": "subscribed", "channel": channel}
+        events: list[str] = []
+        while not events or events[-1] != "succeeded":
+            frame = await receive(ws)
+            assert frame["type"] == "job" and frame["channel"] == channel
+            events.append(frame["event"])
+        assert events[0] == "snapshot" and events[-1] == "succeeded"
+        assert "progress" in events
+        assert frame["job"]["result"] == "done"
+
+
+async def test_subscribing_after_the_end_still_gets_the_result(client: Client) -> None:
+    job = await submit(client, {"task": "add", "args": [40, 2]})
+    await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str(orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode())
+        await receive(ws)
+        snapshot = await receive(ws)
+        assert (snapshot["event"], snapshot["job"]["result"]) == ("snapshot", 42)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        pytest.param("not json", "bad_frame", id="not-json"),
+        pytest.param("[1]", "bad_frame", id="not-object"),
+        pytest.param('{"op": "dance"}', "unknown_op", id="unknown-op"),
+        pytest.param('{"no": "op"}', "unknown_op", id="no-op"),
+        pytest.param('{"op": "subscribe"}', "bad_frame", id="no-channel"),
+        pytest.param('{"op": "subscribe", "channel": "job:nope"}', "not_found", id="unknown-job"),
+        pytest.param('{"op": "subscribe", "channel": "room:1"}', "bad_frame", id="unknown-channel"),
+        pytest.param('{"op": "submit", "job": {"task": "add", "args": {"a": "x"}}}', "invalid_job", id="bad-job"),
+        pytest.param('{"op": "submit", "job": {"task": "nope"}}', "not_found", id="unknown-task"),
+        pytest.param('{"op": "submit", "job": 5}', "invalid_job", id="job-not-object"),
+        pytest.param("[" * 100 + "]" * 100, "bad_frame", id="deep-nesting"),
+        pytest.param('{"a": "\\ud800"}', "bad_frame", id="lone-surrogate"),
+    ],
+)  # fmt: skip
+async def test_a_bad_frame_gets_an_error_and_the_connection_stays(
+    client: Client, frame: str, code: str
+) -> None:
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str(frame)
+        error = await receive(ws)
+        assert (error["type"], error["code"]) == ("error", code) and error["message"]
+        await ws.send_str('{"op": "ping", "id": "p"}')
+        assert await receive(ws) == {"type": "pong", "id": "p"}
+    assert job_count(client) == 0
+
+
+async def test_binary_frames_are_refused(client: Client) -> None:
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_bytes(b'{"op": "ping"}')
+        assert (await receive(ws))["code"] == "bad_frame"
+
+
+async def test_too_many_subscriptions(client: Client) -> None:
+    ids = [(await submit(client, {"task": "add", "args": [n]}))["id"] for n in range(4)]
+    async with client.ws_connect("/v1/ws") as ws:
+        for job_id in ids:
+            await ws.send_str(
+                orjson.dumps({"op": "subscribe", "channel": f"job:{job_id}"}).decode()
+            )
+        frames = [await receive(ws) for _ in range(7)]
+        assert [f["type"] for f in frames].count("subscribed") == 3
+        assert frames[-1]["code"] == "too_many_subscriptions"
+
+
+async def test_a_frame_over_the_limit_closes_with_1009(client: Client) -> None:
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str('{"op": "ping", "pad": "' + "x" * 4096 + '"}')
+        message = await ws.receive(timeout=5)
+        assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert ws.close_code == 1009
+
+
+async def test_unsubscribe_stops_events(client: Client) -> None:
+    job = await submit(client, {"task": "ticker", "args": {"steps": 20, "interval": 0.02}})
+    async with client.ws_connect("/v1/ws") as ws:
+        channel = f"job:{job['id']}"
+        await ws.send_str(orjson.dumps({"op": "subscribe", "channel": channel}).decode())
+        await ws.send_str(orjson.dumps({"op": "unsubscribe", "channel": channel}).decode())
+        frames: list[dict[str, Any]] = []
+        while not frames or frames[-1]["type"] != "unsubscribed":
+            frames.append(await receive(ws))
+        await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+        await ws.send_str('{"op": "ping"}')
+        assert await receive(ws) == {"type": "pong"}  # no job frame came in between
