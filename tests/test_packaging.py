@@ -38,3 +38,11 @@ def test_ci_and_the_readme_use_the_same_test_command() -> None:
     assert "exec scripts/test" in (ROOT / ".ci" / "run").read_text()
     readme = (ROOT / "README.md").read_text()
     assert "scripts/test" in readme and "scripts/serve" in readme
+
+
+def test_every_package_folder_has_an_init_so_a_plain_install_ships_it() -> None:
+    """setuptools' find_packages skips folders without __init__.py (Docker's `pip install .`)."""
+    folders = [
+        p for p in (ROOT / "src" / "aioqueue").rglob("*") if p.is_dir() and p.name != "__pycache__"
+    ]
+    assert folders and all((folder / "__init__.py").exists() for folder in folders)

@@ -1,0 +1,1 @@
+"""Brokers: the interface (base.py), the embedded one (memory.py), RabbitMQ (amqp.py)."""
