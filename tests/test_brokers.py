@@ -1,0 +1,112 @@
+"""The broker contract, on both brokers: delays, requeue, the log's order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from aioqueue.broker.base import Broker, Delivery, LogKind
+from aioqueue.config import BrokerSettings
+from aioqueue.service import make_broker
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[tuple[LogKind, bytes]] = []
+        self.deliveries: list[tuple[float, bytes, bool]] = []
+        self.arrived = asyncio.Event()
+        self.logged = asyncio.Event()
+        self.requeue_first = False
+
+    def on_log(self, kind: LogKind, body: bytes) -> None:
+        self.log.append((kind, body))
+        self.logged.set()
+
+    async def on_dead(self, body: bytes, reason: str) -> None:
+        pass
+
+    async def on_delivery(self, delivery: Delivery) -> None:
+        self.deliveries.append((time.monotonic(), delivery.body, delivery.redelivered))
+        self.arrived.set()
+        if self.requeue_first and len(self.deliveries) == 1:
+            await delivery.requeue()
+        else:
+            await delivery.ack()
+
+    async def wait_for(self, count: int, deadline: float) -> None:
+        async with asyncio.timeout(deadline):
+            while len(self.deliveries) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+@pytest.fixture
+async def started(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+    brokers: list[Broker] = []
+
+    async def start(recorder: Recorder) -> Broker:
+        broker = make_broker(BrokerSettings(url=broker_url, prefix=prefix), result_ttl=60)
+        async with asyncio.timeout(30):
+            await broker.start({"q"}, recorder.on_log, recorder.on_dead)
+            await broker.consume("q", recorder.on_delivery)
+        brokers.append(broker)
+        return broker
+
+    yield start
+    for broker in brokers:
+        await broker.close()
+
+
+async def test_a_delayed_message_arrives_after_its_delay(started: Any) -> None:
+    recorder = Recorder()
+    broker = await started(recorder)
+    sent = time.monotonic()
+    await broker.publish(b"later", "q", delay=2.0)
+    await broker.publish(b"now", "q")
+    await recorder.wait_for(2, deadline=10)
+    (t_now, first, _), (t_later, second, _) = recorder.deliveries
+    assert (first, second) == (b"now", b"later")
+    assert t_now - sent < 1.0
+    assert 1.9 <= t_later - sent < 3.5
+
+
+async def test_a_long_delay_never_holds_back_a_short_one(started: Any) -> None:
+    recorder = Recorder()
+    broker = await started(recorder)
+    sent = time.monotonic()
+    await broker.publish(b"in an hour", "q", delay=3600.0)
+    await broker.publish(b"in a second", "q", delay=1.0)
+    await recorder.wait_for(1, deadline=10)
+    (arrived, body, _), *_ = recorder.deliveries
+    assert body == b"in a second" and arrived - sent < 3.0
+
+
+async def test_a_requeued_message_comes_back_marked_redelivered(started: Any) -> None:
+    recorder = Recorder()
+    recorder.requeue_first = True
+    broker = await started(recorder)
+    await broker.publish(b"again", "q")
+    await recorder.wait_for(2, deadline=10)
+    assert [(body, again) for _, body, again in recorder.deliveries] == [
+        (b"again", False),
+        (b"again", True),
+    ]
+
+
+async def test_the_log_is_read_back_in_append_order(started: Any) -> None:
+    recorder = Recorder()
+    broker = await started(recorder)
+    for n in range(50):
+        await broker.append(b'{"id": "%d", "events": []}' % n)
+    async with asyncio.timeout(10):
+        while len(recorder.log) < 50:
+            recorder.logged.clear()
+            await recorder.logged.wait()
+    assert [body for _, body in recorder.log] == [
+        b'{"id": "%d", "events": []}' % n for n in range(50)
+    ]
+    assert {kind for kind, _ in recorder.log} == {LogKind.EVENTS}
