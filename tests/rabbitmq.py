@@ -2,69 +2,92 @@
 
 The recipe of DESIGN.md: the scripts in /usr/lib/rabbitmq/bin are called directly (the /usr/sbin
 wrappers switch to the rabbitmq user and lose HOME and the cookie). Fault tests use `kill()`,
-`stop()`, `restart()` and `ctl()`.
+`stop()`, `restart()`, `close_all_connections()` and `ctl()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Container
 from pathlib import Path
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
+DIST_OFFSET = 20000  # RabbitMQ's convention: inter-node port = AMQP port + 20000
 
 
-def free_port(*, also_free_at: int = 0) -> int:
-    """A free TCP port on 127.0.0.1 (and port + `also_free_at` free too, when asked)."""
-    for _ in range(100):
+def free_port(*, offset: int = 0, avoid: Container[int] = ()) -> int:
+    """A free TCP port on 127.0.0.1, with port + `offset` free too, outside `avoid`."""
+    for _ in range(200):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = int(probe.getsockname()[1])
-        if also_free_at == 0:
-            return port
-        if port + also_free_at < 65536:
+        if port in avoid or port + offset in avoid or port + offset > 65535:
+            continue
+        if offset:
             with socket.socket() as other:
                 try:
-                    other.bind(("127.0.0.1", port + also_free_at))
+                    other.bind(("127.0.0.1", port + offset))
                 except OSError:
                     continue
-            return port
-    raise RuntimeError("no free port pair found")
+        return port
+    raise RuntimeError("no free port found")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class RabbitNode:
+    """One RabbitMQ node living in `base_dir`; `restart()` keeps its data (durable queues)."""
+
     def __init__(
         self, base_dir: Path, name: str = "aioqueue-test", port: int | None = None
     ) -> None:
         self.dir = base_dir
-        self.port = port or free_port(also_free_at=20000)
-        self.epmd_port = free_port()
-        self.nodename = f"{name}-{self.port}@localhost"
-        self.pid_file = self.dir / "pid"
+        self.port = port or free_port(offset=DIST_OFFSET)
+        self.epmd_port = free_port(avoid={self.port, self.port + DIST_OFFSET})
+        self._nodename = f"{name}-{self.port}@localhost"
+        self.pid_file = base_dir / "pid"
+
+    @property
+    def nodename(self) -> str:
+        return self._nodename
 
     @property
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    @property
+    def pid(self) -> int:
+        """The Erlang VM's OS pid (SIGKILL, SIGSTOP/SIGCONT it to inject faults)."""
+        return int(self.pid_file.read_text().strip())
+
     def environ(self) -> dict[str, str]:
+        """The environment of every rabbitmq command for this node (and only this node)."""
         d = self.dir
-        return {
-            **os.environ,
-            "HOME": str(d / "home"),
-            "ERL_EPMD_PORT": str(self.epmd_port),
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        return inherited | {
+            "HOME": str(d / "home"),  # own .erlang.cookie
+            "ERL_EPMD_PORT": str(self.epmd_port),  # own epmd: never the system's or the dev's
             "RABBITMQ_NODENAME": self.nodename,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.port + 20000),
             "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.port + DIST_OFFSET),
             "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
             "RABBITMQ_LOG_BASE": str(d / "log"),
             "RABBITMQ_PID_FILE": str(self.pid_file),
             "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "plugins"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "plugins"),  # none: the fastest start
             "RABBITMQ_CONF_ENV_FILE": str(d / "env.conf"),
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
         }
@@ -79,53 +102,67 @@ class RabbitNode:
         (self.dir / "env.conf").write_text("")
         (self.dir / "plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\nlog.file.level = warning\n"
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "log.console = false\nlog.file.level = warning\n"
         )
 
     def start(self, timeout: float = 120.0) -> RabbitNode:
+        """Start detached and return once AMQP is up; RuntimeError with the log's tail if not."""
         self._write_config()
-        subprocess.run(
-            [str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"],
-            env=self.environ(),
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        self.pid_file.unlink(missing_ok=True)  # `wait` must not read a killed node's pid
         try:
+            launch = subprocess.run(
+                [str(RABBITMQ_BIN / "rabbitmq-server"), "-detached"],
+                env=self.environ(),
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if launch.returncode != 0:
+                raise RuntimeError(f"rabbitmq-server -detached: {launch.stderr or launch.stdout}")
             self.ctl(
-                "wait", "--timeout", str(int(timeout)), str(self.pid_file), timeout=timeout + 10
+                "wait", "--timeout", str(int(timeout)), str(self.pid_file), timeout=timeout + 5
             )
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            raise RuntimeError(f"RabbitMQ node did not start: {exc}\n{self.log_tail()}") from exc
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self.kill()
+            raise RuntimeError(
+                f"RabbitMQ node {self.nodename} did not start: {exc}\n{self.log_tail()}"
+            ) from exc
         return self
 
     def stop(self) -> None:
-        """A clean stop; returns once the node is gone."""
-        if self.pid_file.exists():
+        """A clean stop that returns once the node is gone; a no-op on a killed node.
+
+        Also ends the node's own epmd, which would otherwise outlive the session.
+        """
+        if self.pid_file.exists() and _alive(self.pid):
             self.ctl("stop", str(self.pid_file), timeout=60)
+        self.pid_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["epmd", "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10
+            )
 
     def kill(self) -> None:
-        """SIGKILL the node's Erlang VM: a crash, as far as clients can tell."""
+        """SIGKILL the node's Erlang VM (a crash, as far as clients can tell); returns once dead."""
         pid = self.pid
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"RabbitMQ node {pid} still alive after SIGKILL")
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"RabbitMQ node {pid} still alive after SIGKILL")
+            time.sleep(0.02)
 
     def restart(self, timeout: float = 120.0) -> RabbitNode:
-        """Start again on the same data folder: durable queues and messages survive."""
+        """Start again on the same data folder (stopping it first if it runs): durables survive."""
+        if self.pid_file.exists() and _alive(self.pid):
+            self.ctl("stop", str(self.pid_file), timeout=60)
         return self.start(timeout)
 
-    @property
-    def pid(self) -> int:
-        return int(self.pid_file.read_text().strip())
-
     def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """`rabbitmqctl -n NODE ARGS...`: its stdout, or RuntimeError with its stderr."""
         done = subprocess.run(
             [str(RABBITMQ_BIN / "rabbitmqctl"), "-q", "-n", self.nodename, *args],
             env=self.environ(),
@@ -143,10 +180,11 @@ class RabbitNode:
         self.ctl("close_all_connections", reason)
 
     def eval(self, expression: str) -> str:
+        """Evaluate an Erlang expression on the node (e.g. "rabbit_nodes:all_running().")."""
         return self.ctl("eval", expression)
 
     def log_tail(self, lines: int = 30) -> str:
-        logs = sorted((self.dir / "log").glob("*.log"))
+        logs = sorted((self.dir / "log").glob("*.log"), key=lambda p: p.stat().st_mtime)
         if not logs:
             return "(no log)"
         return "\n".join(logs[-1].read_text(errors="replace").splitlines()[-lines:])

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load(args.config, overrides=_overrides(args))
         if args.command == "serve":
             logs.configure(args.log_level)
-            return asyncio.run(_serve(settings))
+            return _run(_serve(settings))
         if args.command == "check":
             logs.configure("error")
             return asyncio.run(_check(settings))
@@ -98,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run the service on uvloop where it is installed (a dependency on Linux and macOS)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -5,9 +5,11 @@ of the log alone. A write therefore returns only once the broker confirmed it *a
 through the log and was applied, so that a process reads its own writes (a job is visible to
 `GET` as soon as its 202 is sent) and an outcome is in the store before its message is acked.
 
-Events are written in batches, one log message each: publishing is the client's bottleneck
-(about 120 µs of CPU per confirmed message), so while one batch is in flight the next collects
-whatever is appended meanwhile. One batch in flight at a time also keeps the log in append order.
+Events are written in batches, one log message each: every message costs the client about
+120 µs of CPU and the broker more, so a batch takes whatever was appended while earlier ones
+were in flight. Two batches may be in flight at once, so that a write waits for at most one
+confirm before its own; they are published in order on one channel, so the log keeps the
+append order.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: Events per log message at most; a batch also takes whole `append()` calls only.
 MAX_BATCH = 512
+#: Batches published and not yet confirmed and echoed, at most.
+MAX_IN_FLIGHT = 2
 
 
 class EventLog:
@@ -38,6 +42,8 @@ class EventLog:
         self._queue: list[tuple[tuple[dict[str, Any], ...], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._writes: set[asyncio.Task[None]] = set()
         #: Log entries applied so far (all processes' writes).
         self.entries_applied = 0
 
@@ -45,9 +51,10 @@ class EventLog:
         self._writer = asyncio.create_task(self._write_batches(), name="aioqueue-eventlog")
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.gather(self._writer, return_exceptions=True)
+        for task in [self._writer, *self._writes]:
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*self._writes, return_exceptions=True)
         for _, waiter in self._queue:
             if not waiter.done():
                 waiter.set_exception(BrokerUnavailable("shutting down"))
@@ -93,10 +100,15 @@ class EventLog:
 
     async def append(self, *events: dict[str, Any]) -> None:
         """Append events; returns once they are confirmed and applied. Raises BrokerUnavailable."""
+        await self.emit(*events)
+
+    def emit(self, *events: dict[str, Any]) -> asyncio.Future[None]:
+        """Append events without waiting; the future says when (and whether) they are applied."""
         waiter = asyncio.get_running_loop().create_future()
+        waiter.add_done_callback(_retrieve)
         self._queue.append((events, waiter))
         self._wake.set()
-        await waiter
+        return waiter
 
     async def barrier(self) -> None:
         """Return once every entry that was in the log before this call has been applied here."""
@@ -125,15 +137,28 @@ class EventLog:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                await self._slots.acquire()
                 events, waiters = self._take_batch()
-                error = await self._write(events)
-                for waiter in waiters:
-                    if waiter.done():
-                        continue
-                    if error is None:
-                        waiter.set_result(None)
-                    else:
-                        waiter.set_exception(error)
+                # Tasks start in creation order and publish under aiormq's FIFO channel lock
+                # before their first real suspension: batches reach the log in this order.
+                task = asyncio.create_task(self._write_and_settle(events, waiters))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+
+    async def _write_and_settle(
+        self, events: list[dict[str, Any]], waiters: list[asyncio.Future[None]]
+    ) -> None:
+        try:
+            error = await self._write(events)
+        finally:
+            self._slots.release()
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
     async def _write(self, events: list[dict[str, Any]]) -> BrokerUnavailable | None:
         batch_id = secrets.token_hex(8)
@@ -152,3 +177,9 @@ class EventLog:
         finally:
             self._echoes.pop(batch_id, None)
         return None
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    # An emitted write nobody awaits may fail; that is expected, not an unhandled error.
+    if not future.cancelled():
+        future.exception()

@@ -12,6 +12,7 @@ the attempt it is for, so a runner can tell a stale copy from the current one.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -54,14 +55,17 @@ class EventType(StrEnum):
     DEAD = "dead"
 
 
-#: For each event after `queued`: the statuses it may be applied in, and the status it leads to.
-MOVES: dict[EventType, tuple[frozenset[JobStatus], JobStatus]] = {
-    EventType.STARTED: (WAITING | {JobStatus.RUNNING}, JobStatus.RUNNING),
-    EventType.PROGRESS: (frozenset({JobStatus.RUNNING}), JobStatus.RUNNING),
-    EventType.RETRYING: (frozenset({JobStatus.RUNNING}), JobStatus.RETRYING),
-    EventType.SUCCEEDED: (frozenset({JobStatus.RUNNING}), JobStatus.SUCCEEDED),
-    EventType.FAILED: (frozenset({JobStatus.RUNNING}), JobStatus.FAILED),
-    EventType.DEAD: (WAITING | {JobStatus.RUNNING}, JobStatus.DEAD),
+#: The status each event after `queued` leads to. Each applies to any job that is not terminal,
+#: if it is of the current attempt: progress and outcomes apply to a waiting job too, because the
+#: runner does not wait for its `started` event to be confirmed, so the log can lack it (a write
+#: lost in a broker outage); an outcome of the current attempt implies that it started.
+TARGET: dict[EventType, JobStatus] = {
+    EventType.STARTED: JobStatus.RUNNING,
+    EventType.PROGRESS: JobStatus.RUNNING,
+    EventType.RETRYING: JobStatus.RETRYING,
+    EventType.SUCCEEDED: JobStatus.SUCCEEDED,
+    EventType.FAILED: JobStatus.FAILED,
+    EventType.DEAD: JobStatus.DEAD,
 }
 
 
@@ -69,6 +73,7 @@ class IllegalTransition(Exception):
     """An event that does not apply to the job in its current state (a duplicate or stale one)."""
 
 
+@functools.lru_cache(maxsize=8192)  # the same few timestamps are rendered on every event
 def rfc3339(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -187,10 +192,10 @@ def apply(job: Job, event: dict[str, Any]) -> EventType:
     """
     try:
         kind = EventType(event["event"])
-        allowed, target = MOVES[kind]
+        target = TARGET[kind]
     except (KeyError, ValueError):
         raise IllegalTransition(f"unknown event {event.get('event')!r}") from None
-    if job.status not in allowed:
+    if job.terminal:
         raise IllegalTransition(f"{kind.value} in status {job.status.value}")
     attempt = event.get("attempt", job.attempt)
     if kind is EventType.STARTED:
@@ -205,6 +210,10 @@ def apply(job: Job, event: dict[str, Any]) -> EventType:
 
 def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
     at = event["at"]
+    if job.status in WAITING and kind is not EventType.DEAD:
+        job.started_at = at  # an implied start, if `started` itself is missing
+        job.progress = None
+        job.scheduled_for = None
     if kind is EventType.STARTED:
         job.attempt = event["attempt"]
         job.started_at = at

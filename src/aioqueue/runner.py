@@ -39,6 +39,8 @@ from aioqueue.tasks import Task
 logger = logging.getLogger(__name__)
 
 SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
+#: How long a message of a job the store does not know waits for the log to catch up.
+KNOWN_WITHIN = 1.0
 SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
@@ -138,7 +140,9 @@ class Runner:
 
     async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
         job_id, attempt = spec["id"], spec["attempt"]
-        job = self._store.get(job_id)
+        # A new job's message can arrive before its `queued` entry comes through the log, which
+        # holds it already: wait for that rather than publish a barrier.
+        job = await self._store.wait_known(job_id, KNOWN_WITHIN)
         if delivery.redelivered or job is None or attempt > job.attempt:
             await self._log.barrier()
             job = self._store.get(job_id)
@@ -157,7 +161,8 @@ class Runner:
             await self._broker.dead_letter(delivery.body, "unknown task")
             await self._log.append(event(job_id, "dead", attempt, error=error))
         else:
-            await self._log.append(event(job_id, "started", attempt))
+            # Not awaited: the outcome, which is, implies the start (see jobs.TARGET).
+            self._log.emit(event(job_id, "started", attempt))
             await self._run(task, spec, delivery.body)
         await delivery.ack()
 

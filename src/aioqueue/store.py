@@ -37,12 +37,29 @@ class JobStore:
         self._ids: list[str] = []
         self._next_seq = 0
         self._terminal_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._known_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.listeners: list[ChangeListener] = []
 
     def __len__(self) -> int:
         return len(self._jobs)
 
     def get(self, job_id: str) -> Job | None:
+        return self._jobs.get(job_id)
+
+    async def wait_known(self, job_id: str, within: float) -> Job | None:
+        """The job, once the log has told this store of it, or None after `within` seconds."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job
+        waiter = asyncio.get_running_loop().create_future()
+        self._known_waiters.setdefault(job_id, []).append(waiter)
+        try:
+            async with asyncio.timeout(within):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            _forget(self._known_waiters, job_id, waiter)
         return self._jobs.get(job_id)
 
     def create(self, spec: dict[str, Any]) -> Job | None:
@@ -55,6 +72,9 @@ class JobStore:
         self._seqs.append(self._next_seq)
         self._ids.append(job.id)
         self._next_seq += 1
+        for waiter in self._known_waiters.pop(job.id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         self._changed("queued", job)
         return job
 
@@ -95,11 +115,7 @@ class JobStore:
         except TimeoutError:
             pass
         finally:
-            waiters = self._terminal_waiters.get(job_id)
-            if waiters and waiter in waiters:
-                waiters.remove(waiter)
-                if not waiters:
-                    del self._terminal_waiters[job_id]
+            _forget(self._terminal_waiters, job_id, waiter)
 
     def list(
         self,
@@ -141,6 +157,14 @@ class JobStore:
         kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in self._jobs]
         self._seqs = [s for s, _ in kept]
         self._ids = [i for _, i in kept]
+
+
+def _forget(waiting: dict[str, list[asyncio.Future[None]]], key: str, waiter: Any) -> None:
+    waiters = waiting.get(key)
+    if waiters and waiter in waiters:
+        waiters.remove(waiter)
+        if not waiters:
+            del waiting[key]
 
 
 def _encode(seq: int) -> str:
