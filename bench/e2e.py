@@ -86,7 +86,7 @@ async def raw_round_trips(url: str, count: int, concurrency: int, prefetch: int)
             if future is not None:
                 future.set_result(None)
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         loop = asyncio.get_running_loop()
 
         async def one(slot: int, i: int) -> None:
@@ -101,6 +101,7 @@ async def raw_round_trips(url: str, count: int, concurrency: int, prefetch: int)
 
         await run_window(min(200, count), concurrency, one)  # warm-up
         seconds, latencies = await run_window(count, concurrency, one)
+        await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     return Result("raw aio-pika", count, seconds, latencies)
 
