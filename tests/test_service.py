@@ -234,3 +234,26 @@ async def test_state_survives_a_restart_on_a_durable_broker(
         assert again is None  # the embedded broker keeps nothing, as it says at start-up
     else:
         assert again is not None and again.to_dict() == first.store.get(job.id).to_dict()
+
+
+async def test_a_job_of_a_task_this_app_lacks_is_dead_and_dead_lettered(make_service: Any) -> None:
+    """A message this process cannot run (no such task here) is recorded `dead`, not lost."""
+    service = await make_service(make_app([]))
+    spec = {
+        "id": "ghost-job",
+        "task": "ghost",
+        "queue": "default",
+        "args": None,
+        "max_attempts": 1,
+        "timeout": 1.0,
+        "created_at": time.time(),
+        "attempt": 1,
+    }
+    events: list[str] = []
+    service.store.listeners.append(lambda event, job: events.append(event))
+    await service.broker.submit(orjson.dumps(spec), "default")
+    done = await until_terminal(service, "ghost-job")
+    assert done.status.value == "dead" and done.error is not None
+    assert done.error["type"] == "UnknownTask"
+    assert events == ["queued", "dead"]
+    assert await dead_letter_ids(service) == ["ghost-job"]
