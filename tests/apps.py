@@ -71,3 +71,11 @@ async def other_queue(n: int = 0) -> int:
 async def spawn(ctx: Context, value: int) -> str:
     job = await ctx.submit("echo", {"value": value})
     return str(job["id"])
+
+
+@app.task
+async def work(ctx: Context, ms: int = 20) -> int:
+    """A short job for the fault tests: in flight long enough to be caught by a fault."""
+    await asyncio.sleep(ms / 1000)
+    _record(ctx)
+    return ms

@@ -251,7 +251,7 @@ async def test_a_job_of_a_task_this_app_lacks_is_dead_and_dead_lettered(make_ser
     }
     events: list[str] = []
     service.store.listeners.append(lambda event, job: events.append(event))
-    await service.broker.submit(orjson.dumps(spec), "default")
+    await service.log.submit(spec)  # as a process with that task would have
     done = await until_terminal(service, "ghost-job")
     assert done.status.value == "dead" and done.error is not None
     assert done.error["type"] == "UnknownTask"

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
 #: How long a message of a job the store does not know waits for the log to catch up.
 KNOWN_WITHIN = 1.0
+#: Seconds before a message whose outcome could not be recorded goes back to its queue.
+REQUEUE_AFTER = 1.0
 SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
@@ -120,8 +122,10 @@ class Runner:
             await self._handle(delivery, spec)
         except BrokerUnavailable as exc:
             # The outcome is not recorded: give the message back to run it again (or to find
-            # the outcome recorded after all, if only the confirm was lost).
+            # the outcome recorded after all, if only the confirm was lost). Not at once: every
+            # requeue counts toward the queue's delivery limit, and the broker needs a moment.
             logger.warning("job %s: outcome not recorded, requeued: %s", spec["id"], exc)
+            await asyncio.sleep(REQUEUE_AFTER)
             await _quietly(delivery.requeue())
         except Exception:
             # A bug, not the task's fault (that is caught in _run). Requeued, the message is

@@ -206,7 +206,7 @@ class AmqpBroker(Broker):
             await self._declare(session)
             await self._consume_log(session)
             await self._consume_dead_letters(session)
-            for queue in self._handlers:
+            for queue in list(self._handlers):
                 await self._attach(session, queue)
         self._problem = None
         self._connected.set()
@@ -414,7 +414,9 @@ class AmqpBroker(Broker):
         headers: dict[str, Any] | None = None,
     ) -> None:
         session = self._session
-        if session is None or self._problem is not None:
+        # Publishing needs only the declared topology, not every consumer: redeliveries that
+        # arrive while the later consumers attach must be able to record their outcomes.
+        if session is None or not session.exchanges or session.lost.is_set():
             raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
         message = aio_pika.Message(
             body,

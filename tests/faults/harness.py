@@ -1,0 +1,187 @@
+"""The fault harness: load with a fault in the middle, then an account of every job.
+
+Accounting (RELIABILITY.md): every 202 is an accepted job that must reach a terminal status;
+the task log (O_APPEND, survives SIGKILL) counts executions; the event log counts recorded
+outcomes, which must be exactly one per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import orjson
+
+from tests.support import JSON, TERMINAL
+
+#: Injects the fault; calls `mark()` at the moment the fault takes effect.
+Fault = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Report:
+    scenario: str
+    submitted: int = 0
+    accepted: list[str] = field(default_factory=list)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    statuses: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: The error messages of jobs that did not succeed, counted.
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost: list[str] = field(default_factory=list)
+    executed_twice: int = 0
+    outcomes_twice: list[str] = field(default_factory=list)
+    fault_at: float | None = None
+    first_accept_after_fault: float | None = None
+    drained_at: float | None = None
+
+    @property
+    def recovery(self) -> str:
+        if self.fault_at is None or self.first_accept_after_fault is None:
+            return "-"
+        to_202 = self.first_accept_after_fault - self.fault_at  # a submit sent after the fault
+        drained = (self.drained_at or self.fault_at) - self.fault_at
+        return f"{to_202:.1f} s to a 202, {drained:.1f} s to drain"
+
+    def row(self) -> str:
+        terminal = sum(self.statuses.values())
+        rejected = ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items())) or "0"
+        return (
+            f"| {self.scenario} | {self.submitted} | {len(self.accepted)} | {rejected} | {terminal} "
+            f"| {len(self.lost)} | {self.executed_twice} | {len(self.outcomes_twice)} | {self.recovery} |"
+        )
+
+
+HEADER = (
+    "| scenario | submitted | accepted | rejected | terminal | lost | executed >1 "
+    "| outcomes >1 | recovery |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+async def run_load(
+    http: aiohttp.ClientSession,
+    urls: Callable[[], list[str]],
+    report: Report,
+    total: int,
+    concurrency: int,
+    fault_at: int,
+    fault: Fault,
+    body: Callable[[int], dict[str, Any]],
+) -> None:
+    """Submit until `total` jobs are accepted (or 90 s pass), `concurrency` at a time, and
+    inject `fault` once `fault_at` submits were made. Rejected submits are counted, not retried."""
+    counter = itertools.count()
+    fault_task: asyncio.Task[None] | None = None
+    give_up = time.monotonic() + 90
+
+    def mark() -> None:
+        report.fault_at = time.monotonic()
+
+    async def submitter(slot: int) -> None:
+        nonlocal fault_task
+        while len(report.accepted) < total and time.monotonic() < give_up:
+            n = next(counter)
+            if n == fault_at:
+                fault_task = asyncio.create_task(fault(mark))
+            live = urls()
+            url = live[n % len(live)]
+            report.submitted += 1
+            sent = time.monotonic()
+            try:
+                data = orjson.dumps(body(n))
+                async with http.post(url + "/v1/jobs", data=data, headers=JSON) as response:
+                    if response.status == 202:
+                        report.accepted.append((await response.json())["id"])
+                        faulted = report.fault_at
+                        if faulted is not None and sent > faulted:
+                            first = report.first_accept_after_fault
+                            report.first_accept_after_fault = min(first or sent, sent)
+                        continue
+                    report.rejected[str(response.status)] += 1
+            except (TimeoutError, aiohttp.ClientError):
+                report.rejected["no connection"] += 1
+            await asyncio.sleep(0.2)  # back off while the service is unavailable
+
+    await asyncio.gather(*(submitter(slot) for slot in range(concurrency)))
+    if fault_task is not None:
+        await fault_task
+
+
+async def drain(
+    http: aiohttp.ClientSession, urls: Callable[[], list[str]], report: Report, deadline: float
+) -> None:
+    """Wait for every accepted job to be terminal; the ones that are not by `deadline` are lost."""
+    end = time.monotonic() + deadline
+    pending = list(report.accepted)
+
+    async def final_status(job_id: str) -> dict[str, Any] | None:
+        while time.monotonic() < end:
+            url = urls()[0]
+            wait = max(0.1, min(10.0, end - time.monotonic()))
+            try:
+                async with http.get(f"{url}/v1/jobs/{job_id}", params={"wait": str(wait)}) as r:
+                    if r.status == 200:
+                        record: dict[str, Any] = await r.json()
+                        if record["status"] in TERMINAL:
+                            return record
+                        continue
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.2)
+        return None
+
+    semaphore = asyncio.Semaphore(50)
+
+    async def account(job_id: str) -> None:
+        async with semaphore:
+            record = await final_status(job_id)
+        if record is None:
+            report.lost.append(job_id)
+            return
+        report.statuses[record["status"]] += 1
+        if record["error"] is not None:
+            report.errors[record["error"]["message"]] += 1
+
+    await asyncio.gather(*(account(job_id) for job_id in pending))
+    report.drained_at = time.monotonic()
+
+
+def count_executions(task_log: Path, report: Report) -> None:
+    runs = collections.Counter(line.split()[0] for line in task_log.read_text().splitlines())
+    report.executed_twice = sum(1 for job_id in report.accepted if runs[job_id] > 1)
+
+
+async def count_outcomes(amqp_url: str, prefix: str, report: Report) -> None:
+    """Read the whole event log and count the terminal events recorded for each job."""
+    outcomes: collections.Counter[str] = collections.Counter()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        stream = await channel.declare_queue(f"{prefix}.events", passive=True)
+        arrived = asyncio.Event()
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if (message.headers or {}).get("aq-kind") == "events":
+                for event in orjson.loads(message.body)["events"]:
+                    if event["event"] in TERMINAL:
+                        outcomes[event["job"]] += 1
+            arrived.set()
+            await message.ack()
+
+        await stream.consume(on_message, arguments={"x-stream-offset": "first"})
+        async with asyncio.timeout(120):  # read until the stream is quiet for 2 s
+            while True:
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), 2.0)
+                except TimeoutError:
+                    break
+    report.outcomes_twice = [job_id for job_id, n in outcomes.items() if n > 1]

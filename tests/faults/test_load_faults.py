@@ -1,0 +1,144 @@
+"""G1 to G3 under load: faults injected for real while 2,000 jobs are submitted at concurrency 50.
+
+Each test accounts for every job (see harness.py) and prints its row of the report; run with
+`-s` to see them. Invariants: nothing accepted is lost; one recorded outcome per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.faults.harness import HEADER, Report, count_executions, count_outcomes, drain, run_load
+from tests.rabbitmq import RabbitNode
+from tests.support import ServeProcess, wait_ready
+
+pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(240)]
+
+TOTAL, CONCURRENCY, FAULT_AT = 2000, 50, 700
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(
+        timeout=timeout, connector=aiohttp.TCPConnector(limit=200)
+    ) as s:
+        yield s
+
+
+@pytest.fixture
+def servers(rabbit: RabbitNode, prefix: str, tmp_path: Path) -> Iterator[list[ServeProcess]]:
+    started: list[ServeProcess] = []
+    yield started
+    for server in started:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+def start(
+    rabbit: RabbitNode, prefix: str, tmp_path: Path, servers: list[ServeProcess]
+) -> ServeProcess:
+    env = {"AQ_TEST_TASK_LOG": str(tmp_path / "runs.log")}
+    server = ServeProcess(rabbit.url, prefix, env).start(tmp_path)
+    servers.append(server)
+    return server
+
+
+def job(n: int) -> dict[str, object]:
+    return {"task": "work", "args": {"ms": 20}}
+
+
+async def account(
+    http: aiohttp.ClientSession,
+    report: Report,
+    urls: object,
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    await drain(http, urls, report, deadline=90)  # type: ignore[arg-type]
+    count_executions(tmp_path / "runs.log", report)
+    await count_outcomes(rabbit.url, prefix, report)
+    print(f"\n{HEADER}\n{report.row()}")
+    assert report.lost == [], f"{len(report.lost)} accepted jobs never finished"
+    assert report.outcomes_twice == [], "a job's outcome was recorded more than once"
+    assert len(report.accepted) >= TOTAL, "the service did not recover in time"
+    assert sum(report.statuses.values()) == len(report.accepted)
+    assert set(report.statuses) == {"succeeded"}, report.errors
+
+
+async def test_broker_sigkilled_and_restarted_mid_load(
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    server = start(rabbit, prefix, tmp_path, servers)
+    await wait_ready(http, server.url)
+
+    async def fault(mark: Callable[[], None]) -> None:
+        rabbit.kill()
+        mark()
+        await asyncio.sleep(1)
+        await asyncio.to_thread(rabbit.restart)
+
+    report = Report("RabbitMQ SIGKILL, restart")
+    await run_load(http, lambda: [server.url], report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
+    await wait_ready(http, server.url, deadline=60)
+    await account(http, report, lambda: [server.url], rabbit, prefix, tmp_path)
+    assert report.rejected, "the outage was not seen by any submit"
+    assert set(report.rejected) <= {"503"}, report.rejected
+
+
+async def test_all_connections_closed_mid_load(
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    server = start(rabbit, prefix, tmp_path, servers)
+    await wait_ready(http, server.url)
+
+    async def fault(mark: Callable[[], None]) -> None:
+        await asyncio.to_thread(rabbit.close_all_connections)
+        mark()
+
+    report = Report("close_all_connections")
+    await run_load(http, lambda: [server.url], report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
+    await account(http, report, lambda: [server.url], rabbit, prefix, tmp_path)
+    assert set(report.rejected) <= {"503"}, report.rejected
+
+
+async def test_an_instance_sigkilled_and_restarted_mid_load(
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """Two instances share the queues; one dies with jobs in flight, the other takes them over."""
+    a = start(rabbit, prefix, tmp_path, servers)
+    b = start(rabbit, prefix, tmp_path, servers)
+    await wait_ready(http, a.url)
+    await wait_ready(http, b.url)
+    live = [a.url, b.url]
+
+    async def fault(mark: Callable[[], None]) -> None:
+        live.remove(a.url)
+        a.kill()
+        mark()
+        await asyncio.sleep(2)
+        restarted = await asyncio.to_thread(start, rabbit, prefix, tmp_path, servers)
+        await wait_ready(http, restarted.url)
+        live.append(restarted.url)
+
+    report = Report("aioqueue SIGKILL, restart")
+    await run_load(http, lambda: list(live), report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
+    await account(http, report, lambda: list(live), rabbit, prefix, tmp_path)
