@@ -11,13 +11,15 @@ from aioqueue import App, Context, SyncContext
 app = App()
 
 
-def _record(ctx: Context | SyncContext) -> None:
-    """Append (job id, attempt, pid) to $AQ_TEST_TASK_LOG: counts executions across crashes."""
+def _record(ctx: Context | SyncContext, note: str = "") -> None:
+    """Append (job id, attempt, pid[, note]) to $AQ_TEST_TASK_LOG: executions across crashes."""
     path = os.environ.get("AQ_TEST_TASK_LOG")
     if path:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, f"{ctx.job_id} {ctx.attempt} {os.getpid()}\n".encode())
+            os.write(
+                fd, f"{ctx.job_id} {ctx.attempt} {os.getpid()} {note}".strip().encode() + b"\n"
+            )
         finally:
             os.close(fd)
 
@@ -79,3 +81,15 @@ async def work(ctx: Context, ms: int = 20) -> int:
     await asyncio.sleep(ms / 1000)
     _record(ctx)
     return ms
+
+
+@app.task(timeout=60.0)
+async def long_job(ctx: Context, seconds: float) -> float:
+    """Sleeps; notes in the task log when it is cancelled (a shutdown past its grace)."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _record(ctx, "cancelled")
+        raise
+    _record(ctx)
+    return seconds

@@ -154,10 +154,13 @@ def redact(url: str) -> str:
 async def _serve(settings: Settings) -> int:
     from aiohttp import web
 
-    from aioqueue.web.app import create_app
+    from aioqueue.web.app import create_app, shutdown
+    from aioqueue.web.state import STATE
 
     app = load_app(settings.app)
-    runner = web.AppRunner(create_app(app, settings), handle_signals=False, access_log=None)
+    web_app = create_app(app, settings)
+    # Long polls still open once the jobs are drained are cut after a second.
+    runner = web.AppRunner(web_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.http.host, settings.http.port)
     await site.start()
@@ -178,8 +181,15 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    logger.info("stopping")
+    logger.info("stopping: no new jobs; running jobs get %.0f s", settings.jobs.shutdown_grace)
+    await shutdown(web_app)  # HTTP still answers meanwhile: 503 to submits and /readyz
     await runner.cleanup()
+    if web_app[STATE].threads_left:
+        # A sync task's thread cannot be stopped, and would hold the interpreter's exit; its
+        # job was requeued, so leave without it.
+        logger.warning("leaving sync tasks' threads behind; their jobs were requeued")
+        logging.shutdown()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

@@ -106,9 +106,27 @@ class Runner:
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aioqueue-task")
         #: The jobs running in this process, by id.
         self.running: dict[str, asyncio.Task[Any]] = {}
+        #: Sync tasks still running in a thread (a thread cannot be stopped).
+        self.busy_threads = 0
+        self._draining = False
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, grace: float) -> int:
+        """Let running jobs finish for `grace` seconds; cancel and requeue the rest."""
+        running = list(self.running.values())
+        if not running:
+            return 0
+        logger.info("waiting up to %.1f s for %d running jobs", grace, len(running))
+        _, pending = await asyncio.wait(running, timeout=grace)
+        self._draining = True
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            logger.warning("%d jobs still running after the grace period: requeued", len(pending))
+        return len(pending)
 
     async def on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -120,6 +138,12 @@ class Runner:
             return
         try:
             await self._handle(delivery, spec)
+        except asyncio.CancelledError:
+            if not self._draining:
+                raise
+            # Shutting down past the grace period: the job runs again, here after a restart
+            # or on another process. (A requeue counts toward the queue's delivery limit.)
+            await _quietly(delivery.requeue())
         except BrokerUnavailable as exc:
             # The outcome is not recorded: give the message back to run it again (or to find
             # the outcome recorded after all, if only the confirm was lost). Not at once: every
@@ -204,8 +228,15 @@ class Runner:
             if task.is_async:
                 return await task.fn(*positional, **keyword)
             # A thread cannot be stopped: at the timeout the job fails, the thread runs on.
-            call = functools.partial(task.fn, *positional, **keyword)
+            call = functools.partial(self._in_thread, task.fn, positional, keyword)
             return await loop.run_in_executor(self._executor, call)
+
+    def _in_thread(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+        self.busy_threads += 1  # a GIL-atomic enough counter: only read to decide an exit
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.busy_threads -= 1
 
     async def _failed(
         self, task: Task[Any, Any], spec: dict[str, Any], body: bytes, error: dict[str, Any]

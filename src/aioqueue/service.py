@@ -84,9 +84,13 @@ class Service:
             self._replayed = True
             return
 
-    def stopping(self) -> None:
-        """From now on, refuse new work (503) and say so in /readyz."""
+    async def shutdown(self, grace: float) -> int:
+        """G4: refuse new jobs (503), stop consuming, give running jobs `grace` seconds, and
+        give the rest back to their queues. Returns how many were given back."""
         self._stopping = True
+        with contextlib.suppress(Exception):
+            await self.broker.stop_consuming()
+        return await self.runner.drain(grace)
 
     async def close(self) -> None:
         self._stopping = True
@@ -107,9 +111,7 @@ class Service:
         return self.broker.problem()
 
     def check_replayed(self) -> None:
-        """NotReady (503) while the store is being rebuilt, or once shutting down."""
-        if self._stopping:
-            raise NotReady("shutting down")
+        """NotReady (503) while the store is being rebuilt."""
         if not self._replayed:
             raise NotReady("replaying the event log")
 
@@ -117,6 +119,8 @@ class Service:
         """Check and publish a job; returns its record once the broker confirmed it."""
         spec = build_spec(body, self.app.tasks, self.settings.jobs, now=time.time())
         self.check_replayed()
+        if self._stopping:
+            raise NotReady("shutting down")
         await self.log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
         job = self.store.get(spec["id"])
         assert job is not None, "a submitted job is in the store once submit() returns"

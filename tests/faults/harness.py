@@ -154,7 +154,8 @@ async def drain(
 
 
 def count_executions(task_log: Path, report: Report) -> None:
-    runs = collections.Counter(line.split()[0] for line in task_log.read_text().splitlines())
+    lines = [line.split() for line in task_log.read_text().splitlines()]
+    runs = collections.Counter(words[0] for words in lines if len(words) == 3)  # no note
     report.executed_twice = sum(1 for job_id in report.accepted if runs[job_id] > 1)
 
 

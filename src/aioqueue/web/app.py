@@ -61,16 +61,25 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(BaseException):
         await starting
     await service.close()
+    state.threads_left = service.runner.busy_threads
     state.service = state.app.service = None
 
 
-async def _close_websockets(web_app: web.Application) -> None:
-    # on_shutdown: aiohttp waits for open handlers before it runs the cleanup above.
+async def shutdown(web_app: web.Application) -> int:
+    """G4, before the HTTP server stops: /readyz and submits answer 503, websockets close with
+    1001, running jobs get `jobs.shutdown_grace` seconds and the rest are requeued."""
     state = web_app[STATE]
-    if state.service is not None:
-        state.service.stopping()
     for conn in list(state.connections):
         conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
+    if state.service is None:
+        return 0
+    return await state.service.shutdown(state.settings.jobs.shutdown_grace)
+
+
+async def _close_websockets(web_app: web.Application) -> None:
+    # on_shutdown, for an application aioqueue is mounted in (`aioqueue serve` calls
+    # `shutdown()` itself, earlier): aiohttp waits for open handlers before the cleanup above.
+    await shutdown(web_app)
 
 
 def _report_start_failure(task: asyncio.Task[None]) -> None:

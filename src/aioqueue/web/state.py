@@ -23,6 +23,8 @@ class State:
     hub: Hub = field(default_factory=Hub)
     service: Service | None = None
     connections: set[Connection] = field(default_factory=set)
+    #: Sync tasks' threads still running once the service closed.
+    threads_left: int = 0
 
     def ready_service(self) -> Service:
         """The service, once its store is rebuilt; NotReady (503) before that."""
