@@ -93,3 +93,16 @@ async def long_job(ctx: Context, seconds: float) -> float:
         raise
     _record(ctx)
     return seconds
+
+
+@app.task(timeout=120.0)
+async def chatter(ctx: Context, seconds: float, interval: float = 0.01) -> int:
+    """Reports progress every `interval` seconds for `seconds`: a firehose for slow clients."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    sent = 0
+    while loop.time() < end:
+        sent += 1
+        await ctx.progress(min(1.0, 1 - (end - loop.time()) / seconds), f"tick {sent} " + "x" * 200)
+        await asyncio.sleep(interval)
+    return sent

@@ -2,9 +2,10 @@
 
 Each connection has a bounded queue of frames and its own writer task; the hub only appends.
 Progress frames of one job coalesce (the newest replaces one still queued), so a client that
-reads slowly sees fewer progress updates, never an older one after a newer one. When a queue is
-full anyway, the connection is closed with 1013 ("try again later"): the client reconnects and
-resubscribes, and the snapshot it gets then carries everything it missed (G5).
+reads slowly sees fewer progress updates, never an older one after a newer one. A connection is
+closed with 1013 ("try again later") when its queue is full anyway, or when one frame has waited
+`SEND_TIMEOUT` seconds for the client to read (its socket buffers are full): the client
+reconnects and resubscribes, and the snapshot it gets then carries everything it missed (G5).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 CLOSE_SLOW = 1013
 #: How long a close handshake may take before the connection is dropped.
 CLOSE_TIMEOUT = 1.0
+#: How long one frame may wait for a client that does not read before it is disconnected.
+SEND_TIMEOUT = 5.0
 
 
 class Connection:
@@ -68,7 +71,13 @@ class Connection:
             if key is not None:
                 del self._coalescing[key]  # type: ignore[arg-type]
             assert isinstance(frame, bytes)
-            await self.ws.send_frame(frame, WSMsgType.TEXT)
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+            except TimeoutError:
+                logger.info("websocket client has not read for %.0f s: closing", SEND_TIMEOUT)
+                self.close(CLOSE_SLOW, "not reading; reconnect and resubscribe")
+                return
 
     def close(self, code: int, message: str) -> None:
         """Stop writing and close the websocket in the background."""

@@ -7,6 +7,7 @@ A bad frame gets an `error` frame and the connection stays open; a frame over
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import orjson
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between server pings; a client that misses a pong is closed.
 HEARTBEAT = 30.0
+#: The kernel's send buffer per websocket. Linux grows it up to 4 MiB on its own, which would let
+#: each client that does not read hold megabytes before the hub notices (G5).
+SEND_BUFFER_BYTES = 128 * 1024
 
 
 class FrameError(Exception):
@@ -34,6 +38,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     ws = web.WebSocketResponse(max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT)
     await ws.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
     conn = Connection(ws, state.settings.ws.send_buffer)
     state.connections.add(conn)
     try:

@@ -1,0 +1,131 @@
+"""G5: websocket clients that never read cannot grow the server's memory; they are disconnected.
+
+200 raw-socket clients (handshake, one subscribe frame, then never a read, with a 4 KiB receive
+buffer) follow jobs that report progress every 10 ms for 30 s, beside one client that reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import statistics
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import psutil
+import pytest
+
+from tests.support import ServeProcess, submit, wait_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+SLOW_CLIENTS, JOBS, SECONDS = 200, 10, 30.0
+#: The ceiling stated in the README: RSS may grow at most this much over its idle value.
+RSS_GROWTH_LIMIT = 100 * 2**20
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    body = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + mask + body
+
+
+async def slow_client(host: str, port: int, channel: str) -> socket.socket:
+    """Handshake and subscribe, then never read again."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (host, port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += await loop.sock_recv(sock, 1024)
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    subscribe = orjson.dumps({"op": "subscribe", "channel": channel})
+    await loop.sock_sendall(sock, masked_text_frame(subscribe))
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Read what is buffered: True if the server closed the connection (EOF or reset)."""
+    sock.setblocking(True)
+    sock.settimeout(2.0)
+    try:
+        while sock.recv(65536):
+            pass
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+@pytest.fixture
+def server(tmp_path: Path, prefix: str) -> Iterator[ServeProcess]:
+    process = ServeProcess("memory://", prefix).start(tmp_path)
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
+    server: ServeProcess, http: aiohttp.ClientSession
+) -> None:
+    await wait_ready(http, server.url)
+    assert server.proc is not None
+    process = psutil.Process(server.proc.pid)
+    idle_rss = process.memory_info().rss
+    jobs = [
+        await submit(http, server.url, {"task": "chatter", "args": {"seconds": SECONDS}})
+        for _ in range(JOBS)
+    ]
+    host, port = server.url.removeprefix("http://").split(":")
+    sockets = [
+        await slow_client(host, int(port), f"job:{jobs[n % JOBS]['id']}")
+        for n in range(SLOW_CLIENTS)
+    ]
+    gaps: list[float] = []
+    peak = idle_rss
+    async with http.ws_connect(server.url + "/v1/ws") as fast:
+        await fast.send_str(
+            orjson.dumps({"op": "subscribe", "channel": f"job:{jobs[0]['id']}"}).decode()
+        )
+        last = time.monotonic()
+        end = last + SECONDS - 2
+        while time.monotonic() < end:
+            frame = orjson.loads((await fast.receive(timeout=5)).data)
+            now = time.monotonic()
+            if frame.get("event") == "progress":
+                gaps.append(now - last)
+                last = now
+            if len(gaps) % 50 == 0:
+                peak = max(peak, process.memory_info().rss)
+    closed = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, s) for s in sockets)))
+    for sock in sockets:
+        sock.close()
+    growth = peak - idle_rss
+    p99 = statistics.quantiles(gaps, n=100)[98]
+    print(
+        f"\nslow clients {SLOW_CLIENTS}: disconnected {closed}; RSS idle {idle_rss / 2**20:.0f} MiB, "
+        f"peak {peak / 2**20:.0f} MiB (+{growth / 2**20:.0f}); fast client p99 gap {1000 * p99:.0f} ms"
+    )
+    assert growth < RSS_GROWTH_LIMIT
+    assert closed == SLOW_CLIENTS
+    assert p99 < 0.1
