@@ -200,7 +200,23 @@ async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
         pytest.param({"task": "nope"}, NotFound, id="unknown-task"),
         pytest.param({"task": "add", "args": [1], "queue": "q2"}, InvalidRequest, id="bad-queue"),
         pytest.param({"task": "add", "args": [1], "extra": 1}, InvalidRequest, id="unknown-field"),
-        pytest.param({"task": "add", "args": [1], "delay": 5}, InvalidRequest, id="not-built"),
+        pytest.param({"task": "add", "args": [1], "priority": 5}, InvalidRequest, id="not-built"),
+        pytest.param(
+            {"task": "add", "args": [1], "delay": -1}, InvalidRequest, id="negative-delay"
+        ),
+        pytest.param(
+            {"task": "add", "args": [1], "delay": 1, "run_at": "2030-01-01T00:00:00Z"},
+            InvalidRequest,
+            id="delay-and-run-at",
+        ),
+        pytest.param(
+            {"task": "add", "args": [1], "run_at": "2030-01-01T00:00:00"},
+            InvalidRequest,
+            id="run-at-no-zone",
+        ),
+        pytest.param(
+            {"task": "add", "args": [1], "run_at": "soon"}, InvalidRequest, id="run-at-not-a-time"
+        ),
         pytest.param({"task": "add", "args": [1], "timeout": -1}, InvalidRequest, id="timeout"),
         pytest.param([1, 2], InvalidRequest, id="not-an-object"),
     ],
@@ -257,3 +273,33 @@ async def test_a_job_of_a_task_this_app_lacks_is_dead_and_dead_lettered(make_ser
     assert done.error["type"] == "UnknownTask"
     assert events == ["queued", "dead"]
     assert await dead_letter_ids(service) == ["ghost-job"]
+
+
+async def test_a_delayed_job_is_scheduled_then_runs_when_due(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    events: list[str] = []
+    service.store.listeners.append(lambda event, job: events.append(event))
+    job = await service.submit({"task": "add", "args": [1], "delay": 2})
+    assert job.status.value == "scheduled"
+    assert job.scheduled_for == pytest.approx(job.created_at + 2)
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "succeeded" and done.started_at is not None
+    assert 1.5 <= done.started_at - done.created_at < 4.0  # whole seconds on RabbitMQ
+    assert events[:2] == ["scheduled", "started"]
+
+
+async def test_a_long_delay_never_holds_back_a_short_one(make_service: Any) -> None:
+    service = await make_service(make_app([]))
+    later = await service.submit({"task": "add", "args": [1], "delay": 3600})
+    soon = await service.submit({"task": "add", "args": [2], "delay": 1})
+    done = await until_terminal(service, soon.id)
+    assert done.started_at is not None and done.started_at - done.created_at < 3.0
+    assert service.store.get(later.id).status.value == "scheduled"
+
+
+async def test_run_at_in_the_past_runs_now(make_service: Any) -> None:
+    service = await make_service(make_app([]))
+    job = await service.submit({"task": "add", "args": [1], "run_at": "2000-01-01T00:00:00Z"})
+    assert job.status.value == "queued"
+    assert (await until_terminal(service, job.id)).status.value == "succeeded"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Optional, TypedDict
 
 import pytest
 
@@ -165,3 +165,175 @@ def test_describe_shows_types_requirement_and_defaults() -> None:
         {"name": "tags", "type": "list[str] | None", "required": False, "default": None},
     ]
     assert described[3]["default"] == repr(Point)  # not JSON: shown as its repr
+
+
+def optional(
+    a: Optional[int],  # noqa: UP045 - the typing spelling must work too
+    b: int | str = 0,
+    grid: list[list[int]] | None = None,
+) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("args", "bad"),
+    [
+        pytest.param({"a": None}, {}, id="typing-optional-takes-null"),
+        pytest.param({"a": "1"}, {"args.a": "expected an integer or null, got a string"}, id="optional-message"),
+        pytest.param({"a": 1, "b": "x"}, {}, id="union-takes-either"),
+        pytest.param({"a": 1, "b": 1.5}, {"args.b": "expected an integer or a string, got a float"}, id="union-message"),
+        pytest.param({"a": 1, "grid": [[1], [2, "x"]]}, {"args.grid[1][1]": "expected an integer, got a string"}, id="nested-list-path"),
+        pytest.param(["x"], {"args[0]": "expected an integer or null, got a string"}, id="positional-path"),
+    ],
+)  # fmt: skip
+def test_optional_union_and_nested_annotations(args: object, bad: dict[str, str]) -> None:
+    assert fields(optional, args) == bad
+
+
+def test_a_literal_names_its_values_in_json() -> None:
+    assert fields(typed, {"mode": "medium"}) == {
+        "args.mode": 'expected one of "fast", "slow", got a string'
+    }
+
+
+def test_a_literal_int_refuses_true() -> None:
+    def level(n: Literal[1, 2]) -> None: ...
+
+    assert fields(level, [1]) == {}
+    assert fields(level, [True]) == {"args[0]": "expected one of 1, 2, got a boolean"}
+
+
+@pytest.mark.parametrize(
+    ("args", "bad"),
+    [
+        pytest.param([1], {"args[1]": "required (b)", "args.d": "keyword-only, pass it in an object"}, id="array-missing"),
+        pytest.param({"c": 3, "d": 4}, {"args.a": "positional-only, pass it in an array", "args.b": "positional-only, pass it in an array"}, id="object-lacks-positional-only"),
+        pytest.param({"a": 1, "c": 3, "d": 4, "e": 5}, {"args.a": "positional-only, pass it in an array", "args.b": "positional-only, pass it in an array", "args.e": "unknown argument"}, id="object-names-positional-only"),
+        pytest.param([1, 2, 3, 4], {"args": "takes at most 3 positional arguments, got 4", "args.d": "keyword-only, pass it in an object"}, id="array-too-long"),
+    ],
+)  # fmt: skip
+def test_parameter_kinds_say_how_to_pass_them(args: object, bad: dict[str, str]) -> None:
+    def kinds(a: int, b: int, /, c: int = 0, *, d: int) -> None: ...
+
+    assert fields(kinds, args) == bad
+
+
+def test_keyword_only_function_takes_no_positional_arguments() -> None:
+    def only(*, a: int = 1) -> None: ...
+
+    assert fields(only, [1]) == {"args": "takes no positional arguments, got 1"}
+    assert fields(only, {}) == {}
+
+
+def test_bind_returns_a_new_positional_list() -> None:
+    """The runner inserts the context at the front: the job's own args must not change."""
+    args = [1, 2]
+    positional, _ = Signature.of(add).bind(args)
+    positional.insert(0, "ctx")
+    assert args == [1, 2]
+
+
+def test_the_context_is_not_counted_among_positional_arguments() -> None:
+    assert fields(with_ctx_by_name, [1, 1]) == {
+        "args": "takes at most 1 positional argument, got 2"
+    }
+
+
+def test_the_context_name_is_refused_even_with_star_star_kwargs() -> None:
+    def open_ended(ctx, **options: Any) -> None: ...
+
+    assert fields(open_ended, {"ctx": 1}) == {"args.ctx": "reserved for the task context"}
+    assert fields(open_ended, {"other": 1}) == {}
+
+
+def test_sync_and_async_functions_are_read_alike() -> None:
+    async def run(n: int) -> None: ...
+
+    def call(n: int) -> None: ...
+
+    assert Signature.of(run).describe() == Signature.of(call).describe()
+    assert not Signature.of(run).takes_context
+
+
+def test_string_annotations_of_the_context_are_resolved() -> None:
+    namespace: dict[str, Any] = {"Context": Context}
+    exec("async def f(job: 'Context', n: 'int') -> None: ...", namespace)
+    signature = Signature.of(namespace["f"])
+    assert signature.takes_context and [p.name for p in signature.params] == ["n"]
+
+
+class Options(TypedDict):
+    width: int
+
+
+def takes_tuple(t: tuple[int, int]) -> None: ...
+
+
+def takes_typed_dict(o: Options) -> None: ...
+
+
+def takes_int_keys(d: dict[int, str]) -> None: ...
+
+
+def takes_float_literal(x: Literal[1.5]) -> None: ...  # type: ignore[valid-type]
+
+
+def takes_list_of_sets(x: list[set[int]]) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("fn", "shown"),
+    [
+        pytest.param(takes_tuple, "tuple[int, int]", id="tuple"),
+        pytest.param(takes_typed_dict, "Options", id="typed-dict"),
+        pytest.param(takes_int_keys, "dict[int, str]", id="dict-int-keys"),
+        pytest.param(takes_float_literal, "Literal[1.5]", id="float-literal"),
+        pytest.param(takes_list_of_sets, "list[set[int]]", id="list-of-sets"),
+    ],
+)
+def test_the_refusal_names_function_parameter_annotation_and_what_is_supported(
+    fn: Any, shown: str
+) -> None:
+    with pytest.raises(TaskDefinitionError) as info:
+        Signature.of(fn)
+    message = str(info.value)
+    assert fn.__name__ in message and f"is annotated {shown}," in message
+    assert "supported: int, float, bool, str, list, dict" in message
+
+
+def context_second(n: int, ctx: Context) -> None: ...
+
+
+def context_keyword_only(*, ctx: SyncContext) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("fn", "why"),
+    [(context_second, "must come first"), (context_keyword_only, "must be positional")],
+)
+def test_a_misplaced_context_parameter_is_refused(fn: Any, why: str) -> None:
+    with pytest.raises(TaskDefinitionError, match=why):
+        Signature.of(fn)
+
+
+def test_describe_is_exact_for_every_kind_of_parameter() -> None:
+    def sample(
+        ctx: Context,
+        url: str,
+        /,
+        width: int = 100,
+        *sizes: int,
+        mode: Literal["fast", "slow"] = "fast",
+        when: object = Point,
+        extra: dict[str, float] | None = None,
+        **tags: str,
+    ) -> None: ...
+
+    assert Signature.of(sample).describe() == [
+        {"name": "url", "type": "str", "required": True, "default": None},
+        {"name": "width", "type": "int", "required": False, "default": 100},
+        {"name": "*sizes", "type": "int", "required": False, "default": None},
+        {"name": "mode", "type": "Literal['fast', 'slow']", "required": False, "default": "fast"},
+        {"name": "when", "type": "any", "required": False, "default": repr(Point)},
+        {"name": "extra", "type": "dict[str, float] | None", "required": False, "default": None},
+        {"name": "**tags", "type": "str", "required": False, "default": None},
+    ]

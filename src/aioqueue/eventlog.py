@@ -86,7 +86,9 @@ class EventLog:
         """Publish a new job (to its queue and the log); returns once it is in the store."""
         echo = self._expect(spec["id"])
         try:
-            await self._broker.submit(orjson.dumps(spec), spec["queue"])
+            due = spec.get("scheduled_for")
+            delay = 0.0 if due is None else max(0.0, due - spec["created_at"])
+            await self._broker.submit(orjson.dumps(spec), spec["queue"], delay)
             try:
                 async with asyncio.timeout(self._echo_timeout):
                     await echo

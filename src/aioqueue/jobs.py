@@ -46,7 +46,7 @@ WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RETRYING})
 
 
 class EventType(StrEnum):
-    QUEUED = "queued"
+    QUEUED = "queued"  # or `scheduled`: a job's creation, not one of `apply()`'s events
     STARTED = "started"
     PROGRESS = "progress"
     RETRYING = "retrying"
@@ -113,6 +113,7 @@ class Job:
         timeout: float,
         created_at: float,
         attempt: int = 1,
+        scheduled_for: float | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -122,11 +123,12 @@ class Job:
         self.timeout = timeout
         self.created_at = created_at
         self.attempt = attempt
-        self.status = JobStatus.QUEUED
+        #: When a delayed job is due; then its status is `scheduled` until it starts.
+        self.scheduled_for = scheduled_for
+        self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
         self.progress: dict[str, Any] | None = None
         self.result: Any = None
         self.error: dict[str, Any] | None = None
-        self.scheduled_for: float | None = None
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -142,6 +144,7 @@ class Job:
             timeout=spec["timeout"],
             created_at=spec["created_at"],
             attempt=spec.get("attempt", 1),
+            scheduled_for=spec.get("scheduled_for"),
         )
 
     def spec(self, attempt: int | None = None) -> dict[str, Any]:
@@ -155,6 +158,7 @@ class Job:
             "timeout": self.timeout,
             "created_at": self.created_at,
             "attempt": self.attempt if attempt is None else attempt,
+            "scheduled_for": self.scheduled_for,
         }
 
     @property

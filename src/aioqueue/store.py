@@ -75,7 +75,7 @@ class JobStore:
         for waiter in self._known_waiters.pop(job.id, ()):
             if not waiter.done():
                 waiter.set_result(None)
-        self._changed("queued", job)
+        self._changed(job.status.value, job)  # the event is `queued` or `scheduled`
         return job
 
     def apply(self, event: dict[str, Any]) -> Job | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from aioqueue.config import JobsSettings
@@ -30,8 +31,10 @@ FIELDS = frozenset(
     }
 )
 #: Fields of the contract whose feature is not built yet: refused rather than ignored.
-NOT_BUILT = frozenset({"priority", "delay", "run_at", "ttl", "idempotency_key"})
+NOT_BUILT = frozenset({"priority", "ttl", "idempotency_key"})
 MAX_TIMEOUT = 30 * 86400.0
+#: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
+MAX_DELAY = float(2**28 - 1)
 
 
 def new_job_id() -> str:
@@ -68,6 +71,7 @@ def build_spec(
     queue = _queue(body, task, {t.queue for t in tasks.values()}, errors)
     max_attempts = _max_attempts(body, task, defaults, errors)
     timeout = _timeout(body, task, defaults, errors)
+    delay = _delay(body, now, errors)
     args = body.get("args")
     try:
         task.signature.bind(args)
@@ -84,6 +88,7 @@ def build_spec(
         "timeout": timeout,
         "created_at": now,
         "attempt": 1,
+        "scheduled_for": now + delay if delay > 0 else None,
     }
 
 
@@ -128,3 +133,38 @@ def _timeout(
         )
         return 1.0
     return float(value)
+
+
+def _delay(body: dict[str, Any], now: float, errors: list[FieldError]) -> float:
+    """Seconds from now until the job is due, from `delay` or `run_at` (not both)."""
+    delay, run_at = body.get("delay"), body.get("run_at")
+    if delay is not None and run_at is not None:
+        errors.append(FieldError("run_at", "give delay or run_at, not both"))
+        return 0.0
+    if run_at is not None:
+        return _run_at(run_at, now, errors)
+    if delay is None:
+        return 0.0
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= MAX_DELAY:
+        errors.append(FieldError("delay", f"expected seconds, from 0 to {MAX_DELAY:.0f}"))
+        return 0.0
+    return float(delay)
+
+
+def _run_at(value: object, now: float, errors: list[FieldError]) -> float:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            raise ValueError
+    except ValueError:
+        errors.append(
+            FieldError("run_at", "expected an RFC 3339 time with a zone, like 2026-12-01T00:00:00Z")
+        )
+        return 0.0
+    delay = moment.timestamp() - now
+    if delay > MAX_DELAY:
+        errors.append(FieldError("run_at", f"at most {MAX_DELAY:.0f} seconds from now"))
+        return 0.0
+    return max(0.0, delay)  # a time in the past means now

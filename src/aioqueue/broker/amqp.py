@@ -4,6 +4,7 @@ Topology, with P the configured prefix (several apps share a vhost by prefix):
 
     P.submit  (fanout) --> P.events        stream: the event log, kept for result_ttl
                        \\-> P.jobs (direct) --[queue name]--> P.q.<queue>   quorum, one per queue
+    P.submit-delayed (fanout) --> P.events, and --> aioqueue.delay.27 (below)
     P.q.<queue> --delivery limit--> P.dlx (fanout) --> P.dead-lettered --(recorded `dead`)--> P.dlq
     failed jobs ------------------------------------------------------------------------> P.dlq
 
@@ -137,6 +138,7 @@ class AmqpBroker(Broker):
         prefix = settings.prefix
         self.names = {
             "submit": f"{prefix}.submit",
+            "submit-delayed": f"{prefix}.submit-delayed",
             "jobs": f"{prefix}.jobs",
             "events": f"{prefix}.events",
             "dlx": f"{prefix}.dlx",
@@ -247,11 +249,17 @@ class AmqpBroker(Broker):
             },
         )
         await events.bind(submit)
+        delayed = await channel.declare_exchange(
+            names["submit-delayed"], durable.FANOUT, durable=True
+        )
+        await events.bind(delayed)
         dlx = await channel.declare_exchange(names["dlx"], durable.FANOUT, durable=True)
         dead = await channel.declare_queue(names["dead"], durable=True, arguments=_quorum())
         await dead.bind(dlx)
         await channel.declare_queue(names["dlq"], durable=True, arguments=_quorum())
         deliver = await self._declare_delays(channel)
+        assert self._delay_entry is not None
+        await self._delay_entry.bind(delayed)  # keeps the routing key: the delay's digits
         for queue in self._queues:
             arguments = _quorum(
                 {
@@ -267,6 +275,7 @@ class AmqpBroker(Broker):
         assert self._delay_entry is not None
         session.exchanges = {
             "submit": submit,
+            "submit-delayed": delayed,
             "jobs": jobs,
             "delay": self._delay_entry,
             "default": channel.default_exchange,
@@ -430,8 +439,13 @@ class AmqpBroker(Broker):
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ refused the message ({type(confirmation).__name__})")
 
-    async def submit(self, body: bytes, queue: str) -> None:
-        await self._publish("submit", queue, body)
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+        seconds = min(round(delay), DELAY_MAX)
+        if seconds <= 0:
+            await self._publish("submit", queue, body)
+        else:  # one publish to the log and the delay queues at once
+            key = delay_routing_key(seconds, self.queue_name(queue))
+            await self._publish("submit-delayed", key, body)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
         seconds = min(round(delay), DELAY_MAX)

@@ -95,8 +95,8 @@ class Broker(abc.ABC):
         """None if connected, topology declared and every consumer attached; else why not."""
 
     @abc.abstractmethod
-    async def submit(self, body: bytes, queue: str) -> None:
-        """Publish a new job: to `queue` and, as its `queued` event, to the log."""
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+        """Publish a new job: to `queue` (after `delay` seconds) and, at once, to the log."""
 
     @abc.abstractmethod
     async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:

@@ -99,9 +99,9 @@ class MemoryBroker(Broker):
     def problem(self) -> str | None:
         return None if self._on_log is not None else "broker not started"
 
-    async def submit(self, body: bytes, queue: str) -> None:
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
         self._log(LogKind.JOB, body)
-        self.put(queue, body)
+        await self.publish(body, queue, delay)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
         if delay <= 0:
