@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 
-from aioqueue.jobs import TARGET, TERMINAL, EventType, IllegalTransition, Job, JobStatus, apply
+from aioqueue.jobs import (
+    RETRYABLE,
+    TARGET,
+    TERMINAL,
+    EventType,
+    IllegalTransition,
+    Job,
+    JobStatus,
+    apply,
+)
 
 
 def make_job(status: JobStatus = JobStatus.QUEUED, attempt: int = 1) -> Job:
@@ -27,11 +36,12 @@ def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> dict[str, An
         EventType.SUCCEEDED: {"result": 42},
         EventType.FAILED: {"error": {"type": "E", "message": "m"}},
         EventType.DEAD: {"error": {"type": "DeadLetter", "message": "m"}},
+        EventType.RETRIED: {"run": 1},
     }
     return {**base, **extra.get(kind, {}), **fields}
 
 
-LATER_EVENTS = [kind for kind in EventType if kind is not EventType.QUEUED]
+LATER_EVENTS = [kind for kind in EventType if kind not in (EventType.QUEUED, EventType.RETRIED)]
 
 
 @pytest.mark.parametrize(
@@ -103,6 +113,30 @@ def test_an_outcome_without_its_started_event_implies_the_start() -> None:
     job = make_job(JobStatus.RETRYING, attempt=2)
     apply(job, make_event(EventType.SUCCEEDED, attempt=2, at=500.0))
     assert (job.status, job.started_at, job.finished_at) == (JobStatus.SUCCEEDED, 500.0, 500.0)
+
+
+@pytest.mark.parametrize("status", list(JobStatus), ids=lambda s: s.value)
+def test_only_a_failed_dead_or_cancelled_job_can_be_retried(status: JobStatus) -> None:
+    """A retry starts a new run from scratch: attempt 1, nothing of the old run kept."""
+    job = make_job(status, attempt=3)
+    job.result, job.error, job.finished_at = 1, {"type": "E", "message": "m"}, 150.0
+    if status in RETRYABLE:
+        apply(job, make_event(EventType.RETRIED))
+        assert (job.status, job.attempt, job.run) == (JobStatus.QUEUED, 1, 1)
+        record = job.to_dict()
+        assert (record["result"], record["error"], record["finished_at"]) == (None, None, None)
+        with pytest.raises(IllegalTransition):  # the same run twice
+            job.status = status
+            apply(job, make_event(EventType.RETRIED))
+    else:
+        with pytest.raises(IllegalTransition):
+            apply(job, make_event(EventType.RETRIED))
+
+
+def test_cancel_applies_whatever_the_attempt() -> None:
+    job = make_job(JobStatus.RETRYING, attempt=2)
+    apply(job, make_event(EventType.CANCELLED, attempt=1))
+    assert job.status is JobStatus.CANCELLED and job.finished_at == 200.0
 
 
 def test_unknown_event_is_refused() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from aioqueue import App, Context, InvalidRequest, NotFound, Settings, SyncContext
+from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext
 from aioqueue.config import BrokerSettings, JobsSettings
 from aioqueue.jobs import Job
 from aioqueue.service import Service
@@ -303,3 +303,55 @@ async def test_run_at_in_the_past_runs_now(make_service: Any) -> None:
     job = await service.submit({"task": "add", "args": [1], "run_at": "2000-01-01T00:00:00Z"})
     assert job.status.value == "queued"
     assert (await until_terminal(service, job.id)).status.value == "succeeded"
+
+
+async def test_a_queued_job_cancelled_never_runs(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "add", "args": [1], "delay": 1})
+    cancelled = await service.cancel(job.id)
+    assert cancelled.status.value == "cancelled"
+    after = await service.submit({"task": "add", "args": [2], "delay": 2})  # due after the first
+    await until_terminal(service, after.id)
+    assert runs == [(after.id, 1)]
+
+
+async def test_a_running_job_cancelled_is_stopped_and_its_cancel_path_runs(
+    make_service: Any,
+) -> None:
+    app = make_app([])
+    stopped: list[str] = []
+    cancelled_path_ran = asyncio.Event()
+
+    @app.task
+    async def forever(ctx: Context) -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            stopped.append(ctx.job_id)
+            cancelled_path_ran.set()
+            raise
+
+    service = await make_service(app)
+    job = await service.submit({"task": "forever"})
+    await service.store.wait_for(job.id, lambda j: j.status.value == "running", 10)
+    await service.cancel(job.id)
+    await asyncio.wait_for(cancelled_path_ran.wait(), 10)
+    assert stopped == [job.id]
+    assert service.store.get(job.id).status.value == "cancelled"
+    with pytest.raises(Conflict):
+        await service.cancel(job.id)
+
+
+async def test_a_failed_job_retried_runs_again_from_attempt_one(make_service: Any) -> None:
+    runs: list[tuple[str, int]] = []
+    service = await make_service(make_app(runs))
+    job = await service.submit({"task": "broken", "max_attempts": 1})
+    await until_terminal(service, job.id)
+    with pytest.raises(Conflict):
+        await service.retry((await service.submit({"task": "add", "args": [1]})).id)
+    retried = await service.retry(job.id)
+    assert (retried.status.value, retried.attempt, retried.error) == ("queued", 1, None)
+    done = await until_terminal(service, job.id)
+    assert (done.status.value, done.run, done.attempt) == ("failed", 1, 1)
+    assert [run for run in runs if run[0] == job.id] == [(job.id, 1), (job.id, 1)]

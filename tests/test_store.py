@@ -119,4 +119,4 @@ async def test_wait_terminal_gives_up_after_its_time() -> None:
     store = JobStore(result_ttl=60)
     store.create(spec(1))
     await asyncio.wait_for(store.wait_terminal("job1", within=0.05), 1)
-    assert store._terminal_waiters == {}
+    assert store._waiters == {}

@@ -297,3 +297,16 @@ async def test_unsubscribe_stops_events(client: Client) -> None:
         await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
         await ws.send_str('{"op": "ping"}')
         assert await receive(ws) == {"type": "pong"}  # no job frame came in between
+
+
+async def test_cancel_and_retry_over_http(client: Client) -> None:
+    job = await submit(client, {"task": "ticker", "args": {"steps": 100, "interval": 0.05}})
+    assert (await client.delete("/v1/jobs/nope")).status == 404
+    cancelled = await client.delete(f"/v1/jobs/{job['id']}")
+    assert (cancelled.status, (await cancelled.json())["status"]) == (202, "cancelled")
+    again = await client.delete(f"/v1/jobs/{job['id']}")
+    assert (again.status, again.content_type) == (409, "application/problem+json")
+    retried = await client.post(f"/v1/jobs/{job['id']}/retry")
+    assert (retried.status, (await retried.json())["status"]) == (202, "queued")
+    assert (await client.post(f"/v1/jobs/{job['id']}/retry")).status == 409  # not finished
+    assert (await client.post("/v1/jobs/nope/retry")).status == 404

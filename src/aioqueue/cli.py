@@ -74,9 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     job = commands.add_parser("job", help="show one job")
     job.add_argument("id")
+    cancel = commands.add_parser("cancel", help="cancel a job that has not finished")
+    cancel.add_argument("id")
+    retry = commands.add_parser("retry", help="run a failed, dead or cancelled job again")
+    retry.add_argument("id")
 
     commands.add_parser("check", help="validate the config, reach the broker, declare the topology")
-    for sub in (submit, jobs, job):
+    for sub in (submit, jobs, job, cancel, retry):
         sub.add_argument(
             "--url", help="the service's base URL (default: from http.host and http.port)"
         )
@@ -224,11 +228,13 @@ async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
                 page = await api.list_jobs(status=args.status, task=args.task, limit=args.limit)
                 print(client.jobs_table(page["jobs"]))
                 return EXIT_OK
-            print(orjson.dumps(await api.get_job(args.id), option=orjson.OPT_INDENT_2).decode())
+            calls = {"job": api.get_job, "cancel": api.cancel, "retry": api.retry}
+            record = await calls[args.command](args.id)
+            print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
             return EXIT_OK
         except client.ApiError as exc:
             print(f"aioqueue: {exc}", file=sys.stderr)
-            return EXIT_USAGE if exc.status in (400, 404, 413, 415) else EXIT_FAILED
+            return EXIT_USAGE if exc.status in (400, 404, 409, 413, 415) else EXIT_FAILED
 
 
 async def _submit(api: client.Client, args: argparse.Namespace) -> int:

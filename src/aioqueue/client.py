@@ -67,6 +67,14 @@ class Client:
         result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")
         return result
 
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("DELETE", f"/v1/jobs/{job_id}")
+        return result
+
+    async def retry(self, job_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return result
+
     async def list_jobs(self, status: str | None, task: str | None, limit: int) -> dict[str, Any]:
         params = {"limit": str(limit)}
         if status:

@@ -53,7 +53,15 @@ class EventType(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     DEAD = "dead"
+    CANCELLED = "cancelled"
+    #: `POST /v1/jobs/{id}/retry`: a failed, dead or cancelled job starts over (a new run).
+    RETRIED = "retried"
 
+
+#: Events that apply whatever the attempt: they come from outside the runner.
+ANY_ATTEMPT = frozenset({EventType.DEAD, EventType.CANCELLED})
+#: The statuses a job can be retried from.
+RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
 
 #: The status each event after `queued` leads to. Each applies to any job that is not terminal,
 #: if it is of the current attempt: progress and outcomes apply to a waiting job too, because the
@@ -66,6 +74,8 @@ TARGET: dict[EventType, JobStatus] = {
     EventType.SUCCEEDED: JobStatus.SUCCEEDED,
     EventType.FAILED: JobStatus.FAILED,
     EventType.DEAD: JobStatus.DEAD,
+    EventType.CANCELLED: JobStatus.CANCELLED,
+    EventType.RETRIED: JobStatus.QUEUED,
 }
 
 
@@ -95,6 +105,7 @@ class Job:
         "progress",
         "queue",
         "result",
+        "run",
         "scheduled_for",
         "started_at",
         "status",
@@ -114,6 +125,7 @@ class Job:
         created_at: float,
         attempt: int = 1,
         scheduled_for: float | None = None,
+        run: int = 0,
     ) -> None:
         self.id = id
         self.task = task
@@ -123,6 +135,9 @@ class Job:
         self.timeout = timeout
         self.created_at = created_at
         self.attempt = attempt
+        #: Starts at 0; each retry of a finished job is a new run, and older runs' messages are
+        #: stale.
+        self.run = run
         #: When a delayed job is due; then its status is `scheduled` until it starts.
         self.scheduled_for = scheduled_for
         self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
@@ -145,6 +160,7 @@ class Job:
             created_at=spec["created_at"],
             attempt=spec.get("attempt", 1),
             scheduled_for=spec.get("scheduled_for"),
+            run=spec.get("run", 0),
         )
 
     def spec(self, attempt: int | None = None) -> dict[str, Any]:
@@ -159,6 +175,7 @@ class Job:
             "created_at": self.created_at,
             "attempt": self.attempt if attempt is None else attempt,
             "scheduled_for": self.scheduled_for,
+            "run": self.run,
         }
 
     @property
@@ -199,13 +216,16 @@ def apply(job: Job, event: dict[str, Any]) -> EventType:
         target = TARGET[kind]
     except (KeyError, ValueError):
         raise IllegalTransition(f"unknown event {event.get('event')!r}") from None
-    if job.terminal:
+    if kind is EventType.RETRIED:
+        if job.status not in RETRYABLE or event["run"] <= job.run:
+            raise IllegalTransition(f"retried in status {job.status.value}, run {job.run}")
+    elif job.terminal:
         raise IllegalTransition(f"{kind.value} in status {job.status.value}")
     attempt = event.get("attempt", job.attempt)
     if kind is EventType.STARTED:
         if attempt < job.attempt:
             raise IllegalTransition(f"started attempt {attempt} after attempt {job.attempt}")
-    elif kind is not EventType.DEAD and attempt != job.attempt:
+    elif kind not in ANY_ATTEMPT and kind is not EventType.RETRIED and attempt != job.attempt:
         raise IllegalTransition(f"{kind.value} of attempt {attempt}, current is {job.attempt}")
     _record(job, kind, event)
     job.status = target
@@ -214,7 +234,13 @@ def apply(job: Job, event: dict[str, Any]) -> EventType:
 
 def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
     at = event["at"]
-    if job.status in WAITING and kind is not EventType.DEAD:
+    if kind is EventType.RETRIED:
+        job.run = event["run"]
+        job.attempt = 1
+        job.progress = job.result = job.error = None
+        job.started_at = job.finished_at = job.scheduled_for = None
+        return
+    if job.status in WAITING and kind not in ANY_ATTEMPT:
         job.started_at = at  # an implied start, if `started` itself is missing
         job.progress = None
         job.scheduled_for = None
@@ -232,6 +258,8 @@ def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
     elif kind is EventType.SUCCEEDED:
         job.result = event["result"]
         job.error = None
+        job.finished_at = at
+    elif kind is EventType.CANCELLED:
         job.finished_at = at
     else:  # failed, dead
         job.error = event["error"]

@@ -109,6 +109,13 @@ class Runner:
         #: Sync tasks still running in a thread (a thread cannot be stopped).
         self.busy_threads = 0
         self._draining = False
+        store.listeners.append(self._on_change)
+
+    def _on_change(self, event: str, job: Job) -> None:
+        """A cancel, from whichever process, stops the job if it runs here."""
+        if event == "cancelled" and (task := self.running.get(job.id)) is not None:
+            logger.info("job %s cancelled while running: stopping it", job.id)
+            task.cancel()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -139,6 +146,10 @@ class Runner:
         try:
             await self._handle(delivery, spec)
         except asyncio.CancelledError:
+            job = self._store.get(spec["id"])
+            if job is not None and job.status is JobStatus.CANCELLED:
+                await _quietly(delivery.ack())  # cancelled by a user: its outcome is recorded
+                return
             if not self._draining:
                 raise
             # Shutting down past the grace period: the job runs again, here after a restart
@@ -171,6 +182,10 @@ class Runner:
         # A new job's message can arrive before its `queued` entry comes through the log, which
         # holds it already: wait for that rather than publish a barrier.
         job = await self._store.wait_known(job_id, KNOWN_WITHIN)
+        run = spec.get("run", 0)
+        if job is not None and run > job.run:
+            # A retried job's message can come before its `retried` event: wait for that.
+            job = await self._store.wait_for(job_id, lambda j: j.run >= run, KNOWN_WITHIN)
         if delivery.redelivered or job is None or attempt > job.attempt:
             await self._log.barrier()
             job = self._store.get(job_id)
@@ -178,7 +193,7 @@ class Runner:
             # Its `queued` event has left the log's retention: record the job again.
             await self._log.append({"job": job_id, "event": "queued", "spec": spec})
             job = self._store.get(job_id)
-        reason = _skip_reason(job, attempt, delivery.redelivered)
+        reason = _skip_reason(job, run, attempt, delivery.redelivered)
         if reason is not None:
             logger.info("job %s attempt %d: not run, %s", job_id, attempt, reason)
             await delivery.ack()
@@ -263,9 +278,11 @@ class Runner:
         return round(delay / resolution) * resolution if resolution else delay
 
 
-def _skip_reason(job: Job | None, attempt: int, redelivered: bool) -> str | None:
+def _skip_reason(job: Job | None, run: int, attempt: int, redelivered: bool) -> str | None:
     if job is None:
         return "unknown job"
+    if run != job.run:
+        return f"a message of run {run}, the job is at run {job.run}"
     if job.terminal:
         return f"the job is {job.status.value} already"
     if attempt < job.attempt:

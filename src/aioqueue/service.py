@@ -8,13 +8,15 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
 from aioqueue.config import BrokerSettings, Settings
-from aioqueue.errors import BrokerUnavailable, NotReady
+from aioqueue.errors import BrokerUnavailable, Conflict, NotFound, NotReady
 from aioqueue.eventlog import EventLog
-from aioqueue.jobs import Job
-from aioqueue.runner import Runner
+from aioqueue.jobs import RETRYABLE, Job
+from aioqueue.runner import Runner, event
 from aioqueue.store import JobStore
 from aioqueue.submission import build_spec
 
@@ -124,6 +126,38 @@ class Service:
         await self.log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
         job = self.store.get(spec["id"])
         assert job is not None, "a submitted job is in the store once submit() returns"
+        return job
+
+    def _known(self, job_id: str) -> Job:
+        self.check_replayed()
+        job = self.store.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id[:100]!r}")
+        return job
+
+    async def cancel(self, job_id: str) -> Job:
+        """Record a cancel; the process running the job (if any) stops it. 409 if finished."""
+        job = self._known(job_id)
+        if job.terminal:
+            raise Conflict(f"the job is {job.status.value} already; only unfinished jobs cancel")
+        await self.log.append(event(job_id, "cancelled", job.attempt))
+        return job
+
+    async def retry(self, job_id: str) -> Job:
+        """Run a failed, dead or cancelled job again: same id, a new run from attempt 1."""
+        job = self._known(job_id)
+        if job.status not in RETRYABLE:
+            raise Conflict(
+                f"the job is {job.status.value}; only failed, dead or cancelled jobs retry"
+            )
+        if self._stopping:
+            raise NotReady("shutting down")
+        run = job.run + 1
+        # The message first: a `retried` event is only written once the job can run. The
+        # runner waits for the event when it gets a message of a newer run.
+        spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None}
+        await self.broker.publish(orjson.dumps(spec), job.queue)
+        await self.log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
         return job
 
     async def _expire_forever(self) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from aioqueue.errors import FieldError, InvalidRequest
-from aioqueue.jobs import IllegalTransition, Job, JobStatus, apply
+from aioqueue.jobs import EventType, IllegalTransition, Job, JobStatus, apply
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,7 @@ class JobStore:
         self._seqs: list[int] = []
         self._ids: list[str] = []
         self._next_seq = 0
-        self._terminal_waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._known_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
         self.listeners: list[ChangeListener] = []
 
     def __len__(self) -> int:
@@ -46,21 +45,37 @@ class JobStore:
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    async def wait_known(self, job_id: str, within: float) -> Job | None:
-        """The job, once the log has told this store of it, or None after `within` seconds."""
+    async def wait_for(
+        self, job_id: str, condition: Callable[[Job], bool], within: float
+    ) -> Job | None:
+        """The job once `condition(job)` holds, or as it is after `within` seconds (or None)."""
         job = self._jobs.get(job_id)
-        if job is not None:
+        if (job is not None and condition(job)) or within <= 0:
             return job
-        waiter = asyncio.get_running_loop().create_future()
-        self._known_waiters.setdefault(job_id, []).append(waiter)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (condition, waiter)
+        self._waiters.setdefault(job_id, []).append(entry)
         try:
             async with asyncio.timeout(within):
                 await waiter
         except TimeoutError:
             pass
         finally:
-            _forget(self._known_waiters, job_id, waiter)
+            waiting = self._waiters.get(job_id)
+            if waiting and entry in waiting:
+                waiting.remove(entry)
+                if not waiting:
+                    del self._waiters[job_id]
         return self._jobs.get(job_id)
+
+    async def wait_known(self, job_id: str, within: float) -> Job | None:
+        """The job, once the log has told this store of it, or None after `within` seconds."""
+        return await self.wait_for(job_id, lambda job: True, within)
+
+    async def wait_terminal(self, job_id: str, within: float) -> None:
+        """Return when the job is terminal or `within` seconds have passed."""
+        if job_id in self._jobs:
+            await self.wait_for(job_id, lambda job: job.terminal, within)
 
     def create(self, spec: dict[str, Any]) -> Job | None:
         """Add a newly queued job; None (and no change) if the id is known already."""
@@ -72,9 +87,6 @@ class JobStore:
         self._seqs.append(self._next_seq)
         self._ids.append(job.id)
         self._next_seq += 1
-        for waiter in self._known_waiters.pop(job.id, ()):
-            if not waiter.done():
-                waiter.set_result(None)
         self._changed(job.status.value, job)  # the event is `queued` or `scheduled`
         return job
 
@@ -91,31 +103,16 @@ class JobStore:
         except IllegalTransition as exc:
             logger.debug("job %s: ignored event: %s", job.id, exc)
             return None
-        self._changed(kind.value, job)
+        # A retried job is queued again: subscribers see `queued`, as for a new job.
+        self._changed("queued" if kind is EventType.RETRIED else kind.value, job)
         return job
 
     def _changed(self, event: str, job: Job) -> None:
         for listener in self.listeners:
             listener(event, job)
-        if job.terminal:
-            for waiter in self._terminal_waiters.pop(job.id, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    async def wait_terminal(self, job_id: str, within: float) -> None:
-        """Return when the job is terminal or `within` seconds have passed."""
-        job = self._jobs.get(job_id)
-        if job is None or job.terminal or within <= 0:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._terminal_waiters.setdefault(job_id, []).append(waiter)
-        try:
-            async with asyncio.timeout(within):
-                await waiter
-        except TimeoutError:
-            pass
-        finally:
-            _forget(self._terminal_waiters, job_id, waiter)
+        for condition, waiter in self._waiters.get(job.id, ()):
+            if not waiter.done() and condition(job):
+                waiter.set_result(None)
 
     def list(
         self,
@@ -157,14 +154,6 @@ class JobStore:
         kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in self._jobs]
         self._seqs = [s for s, _ in kept]
         self._ids = [i for _, i in kept]
-
-
-def _forget(waiting: dict[str, list[asyncio.Future[None]]], key: str, waiter: Any) -> None:
-    waiters = waiting.get(key)
-    if waiters and waiter in waiters:
-        waiters.remove(waiter)
-        if not waiters:
-            del waiting[key]
 
 
 def _encode(seq: int) -> str:

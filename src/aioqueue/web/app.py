@@ -37,6 +37,8 @@ def install(web_app: web.Application, app: App, settings: Settings) -> None:
     web_app.router.add_post("/v1/jobs", handlers.submit_job)
     web_app.router.add_get("/v1/jobs", handlers.list_jobs)
     web_app.router.add_get("/v1/jobs/{id}", handlers.get_job)
+    web_app.router.add_delete("/v1/jobs/{id}", handlers.cancel_job)
+    web_app.router.add_post("/v1/jobs/{id}/retry", handlers.retry_job)
     web_app.router.add_get("/v1/tasks", handlers.list_tasks)
     web_app.router.add_get("/v1/ws", websocket)
     web_app.router.add_get("/healthz", handlers.healthz)

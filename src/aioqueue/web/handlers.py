@@ -99,6 +99,20 @@ def _wait_seconds(raw: str) -> float:
 
 
 @problems
+async def cancel_job(request: web.Request) -> web.StreamResponse:
+    service = request.app[STATE].ready_service()
+    job = await service.cancel(request.match_info["id"])
+    return json_response(job.to_dict(), status=202)
+
+
+@problems
+async def retry_job(request: web.Request) -> web.StreamResponse:
+    service = request.app[STATE].ready_service()
+    job = await service.retry(request.match_info["id"])
+    return json_response(job.to_dict(), status=202)
+
+
+@problems
 async def list_jobs(request: web.Request) -> web.StreamResponse:
     service = request.app[STATE].ready_service()
     query = request.query
