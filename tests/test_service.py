@@ -355,3 +355,22 @@ async def test_a_failed_job_retried_runs_again_from_attempt_one(make_service: An
     done = await until_terminal(service, job.id)
     assert (done.status.value, done.run, done.attempt) == ("failed", 1, 1)
     assert [run for run in runs if run[0] == job.id] == [(job.id, 1), (job.id, 1)]
+
+
+@pytest.mark.parametrize(
+    "broker_url", [pytest.param("amqp", marks=pytest.mark.amqp)], indirect=True
+)
+async def test_one_key_submitted_to_two_processes_at_once_makes_one_job(make_service: Any) -> None:
+    """Across processes the log decides: the first `queued` entry with a key wins everywhere."""
+    runs: list[tuple[str, int]] = []
+    app = make_app(runs)
+    first, second = await make_service(app), await make_service(app)
+    body = {"task": "add", "args": [1], "idempotency_key": "once"}
+    results = await asyncio.gather(*(service.submit_once(body) for service in [first, second] * 10))
+    assert len({job.id for job, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    job_id = results[0][0].id
+    await until_terminal(first, job_id)
+    await asyncio.sleep(1.0)  # time for a duplicate's message to run, were it not skipped
+    assert runs == [(job_id, 1)]
+    assert len(first.store) == len(second.store) == 1

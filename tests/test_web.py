@@ -310,3 +310,33 @@ async def test_cancel_and_retry_over_http(client: Client) -> None:
     assert (retried.status, (await retried.json())["status"]) == (202, "queued")
     assert (await client.post(f"/v1/jobs/{job['id']}/retry")).status == 409  # not finished
     assert (await client.post("/v1/jobs/nope/retry")).status == 404
+
+
+async def test_fifty_simultaneous_submits_with_one_key_make_one_job(client: Client) -> None:
+    body = orjson.dumps({"task": "add", "args": [1, 2]})
+    headers = {**JSON, "Idempotency-Key": "order-42"}
+    responses = await asyncio.gather(
+        *(client.post("/v1/jobs", data=body, headers=headers) for _ in range(50))
+    )
+    statuses = sorted(response.status for response in responses)
+    ids = {(await response.json())["id"] for response in responses}
+    assert statuses == [200] * 49 + [202]
+    assert len(ids) == 1 and job_count(client) == 1
+    in_body = {"task": "add", "args": [1, 2], "idempotency_key": "order-42"}
+    again = await client.post("/v1/jobs", data=orjson.dumps(in_body), headers=JSON)
+    assert (again.status, (await again.json())["id"]) == (200, ids.pop())
+
+
+async def test_a_key_reused_with_another_body_is_a_409(client: Client) -> None:
+    headers = {**JSON, "Idempotency-Key": "k1"}
+    first = await client.post(
+        "/v1/jobs", data=orjson.dumps({"task": "add", "args": [1]}), headers=headers
+    )
+    other = await client.post(
+        "/v1/jobs", data=orjson.dumps({"task": "add", "args": [2]}), headers=headers
+    )
+    assert (first.status, other.status) == (202, 409)
+    mismatch = {"task": "add", "args": [1], "idempotency_key": "k2"}
+    response = await client.post("/v1/jobs", data=orjson.dumps(mismatch), headers=headers)
+    assert response.status == 400
+    assert job_count(client) == 1

@@ -99,8 +99,10 @@ class Job:
         "attempt",
         "created_at",
         "error",
+        "fingerprint",
         "finished_at",
         "id",
+        "idempotency_key",
         "max_attempts",
         "progress",
         "queue",
@@ -126,6 +128,8 @@ class Job:
         attempt: int = 1,
         scheduled_for: float | None = None,
         run: int = 0,
+        idempotency_key: str | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -138,6 +142,9 @@ class Job:
         #: Starts at 0; each retry of a finished job is a new run, and older runs' messages are
         #: stale.
         self.run = run
+        #: The submit's idempotency key, and a digest of the rest of its body.
+        self.idempotency_key = idempotency_key
+        self.fingerprint = fingerprint
         #: When a delayed job is due; then its status is `scheduled` until it starts.
         self.scheduled_for = scheduled_for
         self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
@@ -161,6 +168,8 @@ class Job:
             attempt=spec.get("attempt", 1),
             scheduled_for=spec.get("scheduled_for"),
             run=spec.get("run", 0),
+            idempotency_key=spec.get("idempotency_key"),
+            fingerprint=spec.get("fingerprint"),
         )
 
     def spec(self, attempt: int | None = None) -> dict[str, Any]:
@@ -176,6 +185,8 @@ class Job:
             "attempt": self.attempt if attempt is None else attempt,
             "scheduled_for": self.scheduled_for,
             "run": self.run,
+            "idempotency_key": self.idempotency_key,
+            "fingerprint": self.fingerprint,
         }
 
     @property

@@ -179,6 +179,10 @@ class Runner:
 
     async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
         job_id, attempt = spec["id"], spec["attempt"]
+        if job_id in self._store.duplicates:
+            logger.info("job %s repeated an idempotency key another job holds: not run", job_id)
+            await delivery.ack()
+            return
         # A new job's message can arrive before its `queued` entry comes through the log, which
         # holds it already: wait for that rather than publish a barrier.
         job = await self._store.wait_known(job_id, KNOWN_WITHIN)

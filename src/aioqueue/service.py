@@ -53,6 +53,7 @@ class Service:
         )
         self._replayed = False
         self._stopping = False
+        self._submitting: dict[str, asyncio.Future[None]] = {}
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -117,16 +118,52 @@ class Service:
         if not self._replayed:
             raise NotReady("replaying the event log")
 
-    async def submit(self, body: Any) -> Job:
+    async def submit(self, body: Any, idempotency_key: str | None = None) -> Job:
         """Check and publish a job; returns its record once the broker confirmed it."""
-        spec = build_spec(body, self.app.tasks, self.settings.jobs, now=time.time())
+        job, _ = await self.submit_once(body, idempotency_key)
+        return job
+
+    async def submit_once(self, body: Any, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """As `submit`, and whether this call created the job: a repeated idempotency key
+        returns the first job (True only for the first); the same key with another body is 409.
+        """
+        now = time.time()
+        spec = build_spec(body, self.app.tasks, self.settings.jobs, now, idempotency_key)
         self.check_replayed()
         if self._stopping:
             raise NotReady("shutting down")
+        key = spec.get("idempotency_key")
+        if key is None:
+            return await self._publish(spec), True
+        # Concurrent repeats in this process wait for the first; across processes, the log's
+        # order decides (`JobStore.create`).
+        while (pending := self._submitting.get(key)) is not None:
+            await asyncio.shield(pending)
+        first = self._first_for(key, spec)
+        if first is not None:
+            return first, False
+        self._submitting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._publish(spec)
+        finally:
+            self._submitting.pop(key).set_result(None)
+        first = self._first_for(key, spec)
+        assert first is not None
+        return first, first.id == spec["id"]
+
+    async def _publish(self, spec: dict[str, Any]) -> Job:
         await self.log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
-        job = self.store.get(spec["id"])
+        job = self.store.get(spec["id"]) or self.store.for_key(spec.get("idempotency_key") or "")
         assert job is not None, "a submitted job is in the store once submit() returns"
         return job
+
+    def _first_for(self, key: str, spec: dict[str, Any]) -> Job | None:
+        first = self.store.for_key(key)
+        if first is not None and first.fingerprint != spec["fingerprint"]:
+            raise Conflict(
+                f"idempotency key {key[:100]!r} was used for another request (job {first.id})"
+            )
+        return first
 
     def _known(self, job_id: str) -> Job:
         self.check_replayed()

@@ -38,6 +38,15 @@ class JobStore:
         self._next_seq = 0
         self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
         self.listeners: list[ChangeListener] = []
+        # Idempotency keys of the jobs kept, and the ids of later jobs that repeated a key: the
+        # first job in log order wins, in every process alike.
+        self._by_key: dict[str, str] = {}
+        self.duplicates: set[str] = set()
+
+    def for_key(self, key: str) -> Job | None:
+        """The job submitted first with this idempotency key, while it is kept."""
+        job_id = self._by_key.get(key)
+        return None if job_id is None else self._jobs.get(job_id)
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -79,8 +88,14 @@ class JobStore:
 
     def create(self, spec: dict[str, Any]) -> Job | None:
         """Add a newly queued job; None (and no change) if the id is known already."""
-        if spec["id"] in self._jobs:
+        if spec["id"] in self._jobs or spec["id"] in self.duplicates:
             return None
+        key = spec.get("idempotency_key")
+        if key is not None:
+            if self.for_key(key) is not None:
+                self.duplicates.add(spec["id"])
+                return None
+            self._by_key[key] = spec["id"]
         job = Job.from_spec(spec)
         self._jobs[job.id] = job
         self._seq_of[job.id] = self._next_seq
@@ -146,6 +161,8 @@ class JobStore:
         for job_id in expired:
             del self._jobs[job_id]
             del self._seq_of[job_id]
+        if expired:
+            self._by_key = {k: i for k, i in self._by_key.items() if i in self._jobs}
         if len(self._ids) > 2 * len(self._jobs) + 1024:
             self._compact()
         return len(expired)

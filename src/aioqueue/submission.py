@@ -6,11 +6,14 @@ fault raises before anything is published: a rejected job leaves no trace.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import FieldError, InvalidRequest, NotFound
@@ -31,7 +34,8 @@ FIELDS = frozenset(
     }
 )
 #: Fields of the contract whose feature is not built yet: refused rather than ignored.
-NOT_BUILT = frozenset({"priority", "ttl", "idempotency_key"})
+NOT_BUILT = frozenset({"priority", "ttl"})
+MAX_KEY_LENGTH = 255
 MAX_TIMEOUT = 30 * 86400.0
 #: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
 MAX_DELAY = float(2**28 - 1)
@@ -47,6 +51,7 @@ def build_spec(
     tasks: Mapping[str, Task[Any, Any]],
     defaults: JobsSettings,
     now: float,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Check a submit body and return the job's spec; raises InvalidRequest or NotFound."""
     if not isinstance(body, dict):
@@ -72,6 +77,7 @@ def build_spec(
     max_attempts = _max_attempts(body, task, defaults, errors)
     timeout = _timeout(body, task, defaults, errors)
     delay = _delay(body, now, errors)
+    key = _idempotency_key(body, idempotency_key, errors)
     args = body.get("args")
     try:
         task.signature.bind(args)
@@ -79,7 +85,7 @@ def build_spec(
         errors += exc.errors
     if errors:
         raise InvalidRequest(f"the job for task {name!r} is invalid", errors)
-    return {
+    spec = {
         "id": new_job_id(),
         "task": name,
         "queue": queue,
@@ -90,6 +96,14 @@ def build_spec(
         "attempt": 1,
         "scheduled_for": now + delay if delay > 0 else None,
     }
+    if key is not None:
+        # What "the same body" means for a repeated key: the request, less the key itself.
+        request = {k: v for k, v in body.items() if k != "idempotency_key"}
+        spec["idempotency_key"] = key
+        spec["fingerprint"] = hashlib.sha256(
+            orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+    return spec
 
 
 def _queue(
@@ -168,3 +182,21 @@ def _run_at(value: object, now: float, errors: list[FieldError]) -> float:
         errors.append(FieldError("run_at", f"at most {MAX_DELAY:.0f} seconds from now"))
         return 0.0
     return max(0.0, delay)  # a time in the past means now
+
+
+def _idempotency_key(
+    body: dict[str, Any], header: str | None, errors: list[FieldError]
+) -> str | None:
+    key = body.get("idempotency_key")
+    if key is not None and header is not None and key != header:
+        errors.append(FieldError("idempotency_key", "differs from the Idempotency-Key header"))
+        return None
+    key = key if key is not None else header
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_LENGTH:
+        errors.append(
+            FieldError("idempotency_key", f"expected a string of 1 to {MAX_KEY_LENGTH} characters")
+        )
+        return None
+    return key

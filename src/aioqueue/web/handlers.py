@@ -68,8 +68,9 @@ def _check_query(query: MultiMapping[str], allowed: set[str]) -> None:
 async def submit_job(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     service = state.ready_service()
-    job = await service.submit(await read_json(request))
-    return json_response(job.to_dict(), status=202)
+    body = await read_json(request)
+    job, created = await service.submit_once(body, request.headers.get("Idempotency-Key"))
+    return json_response(job.to_dict(), status=202 if created else 200)
 
 
 @problems
