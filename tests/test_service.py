@@ -13,6 +13,7 @@ import pytest
 
 from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext
 from aioqueue.config import BrokerSettings, JobsSettings
+from aioqueue.errors import QueueFull
 from aioqueue.jobs import Job
 from aioqueue.service import Service
 
@@ -59,9 +60,11 @@ def make_app(runs: list[tuple[str, int]]) -> App:
 async def make_service(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[Service] = []
 
-    async def make(app: App, **jobs: Any) -> Service:
+    async def make(app: App, broker: dict[str, Any] | None = None, **jobs: Any) -> Service:
         settings = Settings(
-            broker=BrokerSettings(url=broker_url, prefix=prefix, confirm_timeout=3.0),
+            broker=BrokerSettings(
+                url=broker_url, prefix=prefix, confirm_timeout=3.0, **(broker or {})
+            ),
             jobs=dataclasses.replace(JobsSettings(), **jobs),
         )
         service = Service(app, settings)
@@ -374,3 +377,32 @@ async def test_one_key_submitted_to_two_processes_at_once_makes_one_job(make_ser
     await asyncio.sleep(1.0)  # time for a duplicate's message to run, were it not skipped
     assert runs == [(job_id, 1)]
     assert len(first.store) == len(second.store) == 1
+
+
+async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: Any) -> None:
+    """Backpressure: past broker.max_queue_length a submit is QueueFull and not accepted."""
+    app = make_app([])
+    release = asyncio.Event()
+
+    @app.task(queue="narrow")
+    async def blocker() -> None:
+        await release.wait()
+
+    service = await make_service(app, broker={"max_queue_length": 2, "prefetch": 1})
+    running = await service.submit({"task": "blocker"})
+    await service.store.wait_for(running.id, lambda j: j.status.value == "running", 10)
+    waiting: list[Job] = []
+    with pytest.raises(QueueFull):  # a quorum queue takes one past its limit
+        for _ in range(5):
+            waiting.append(await service.submit({"task": "blocker"}))
+    assert 2 <= len(waiting) <= 3
+    with pytest.raises(QueueFull):
+        await service.submit({"task": "blocker", "idempotency_key": "refused"})
+    await service.log.barrier()
+    assert len(service.store) == 1 + len(waiting)  # the refused jobs left no record
+    assert service.store.for_key("refused") is None
+    release.set()
+    for job in [running, *waiting]:
+        assert (await until_terminal(service, job.id)).status.value == "succeeded"
+    accepted = await service.submit({"task": "blocker", "idempotency_key": "refused"})
+    assert (await until_terminal(service, accepted.id)).status.value == "succeeded"

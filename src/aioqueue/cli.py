@@ -158,10 +158,12 @@ def redact(url: str) -> str:
 async def _serve(settings: Settings) -> int:
     from aiohttp import web
 
+    from aioqueue.service import check_timeouts
     from aioqueue.web.app import create_app, shutdown
     from aioqueue.web.state import STATE
 
     app = load_app(settings.app)
+    check_timeouts(app, settings)  # before listening: a one-line start-up error
     web_app = create_app(app, settings)
     # Long polls still open once the jobs are drained are cut after a second.
     runner = web.AppRunner(web_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)

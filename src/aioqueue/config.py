@@ -98,6 +98,8 @@ class BrokerSettings:
     delivery_limit: int = _int(5, 1, 1000)  # x-delivery-limit of the job queues
     prefix: str = _pattern("aioqueue", r"[A-Za-z0-9_-]{1,64}", "expected 1-64 of A-Za-z0-9_-")
     heartbeat: int = _int(10, 1, 600)  # seconds
+    max_queue_length: int = _int(0, 0)  # ready jobs per queue before submits get 429; 0: no limit
+    consumer_timeout: float = _float(1800.0, 0, above=True)  # the broker's, in seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ AioqueueError
 │   ├── Conflict                       409: the job is in the wrong state
 │   ├── PayloadTooLarge                413
 │   └── UnsupportedMediaType           415
+├── QueueFull                          429: the queue is at broker.max_queue_length
 ├── BrokerUnavailable                  503: the broker is down or did not confirm in time
 └── NotReady                           503: the service is starting or stopping
 ```
@@ -85,6 +86,12 @@ class PayloadTooLarge(RequestError):
 class UnsupportedMediaType(RequestError):
     status = 415
     title = "Unsupported media type"
+
+
+class QueueFull(AioqueueError):
+    """The job's queue holds `broker.max_queue_length` jobs already: the job was not accepted."""
+
+    retry_after = 1
 
 
 class BrokerUnavailable(AioqueueError):

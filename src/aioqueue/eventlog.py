@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from aioqueue.broker.base import Broker, LogKind
-from aioqueue.errors import BrokerUnavailable
+from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,12 @@ class EventLog:
         try:
             due = spec.get("scheduled_for")
             delay = 0.0 if due is None else max(0.0, due - spec["created_at"])
-            await self._broker.submit(orjson.dumps(spec), spec["queue"], delay)
+            try:
+                await self._broker.submit(orjson.dumps(spec), spec["queue"], delay)
+            except QueueFull:
+                # The log took the job, its queue did not: take it back out of every store.
+                self.emit({"job": spec["id"], "event": "rejected"})
+                raise
             try:
                 async with asyncio.timeout(self._echo_timeout):
                     await echo

@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from aioqueue import submission
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
 from aioqueue.config import BrokerSettings, Settings
-from aioqueue.errors import BrokerUnavailable, Conflict, NotFound, NotReady
+from aioqueue.errors import BrokerUnavailable, ConfigError, Conflict, NotFound, NotReady
 from aioqueue.eventlog import EventLog
 from aioqueue.jobs import RETRYABLE, Job
 from aioqueue.runner import Runner, event
@@ -28,14 +29,37 @@ logger = logging.getLogger(__name__)
 
 def make_broker(settings: BrokerSettings, result_ttl: int) -> Broker:
     if settings.url.startswith("memory:"):
-        return MemoryBroker(prefetch=settings.prefetch)
+        return MemoryBroker(prefetch=settings.prefetch, max_queue_length=settings.max_queue_length)
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
     return AmqpBroker(settings, result_ttl=result_ttl)
 
 
+def check_timeouts(app: App, settings: Settings) -> None:
+    """Refuse, at start-up, a task that RabbitMQ's consumer_timeout would cut off.
+
+    The broker closes the channel of a consumer that holds a delivery longer than its
+    consumer_timeout (30 min by default), and the job then runs twice. aioqueue does not extend
+    leases; a task that may run longer needs the broker's setting raised, and
+    `broker.consumer_timeout` set to match.
+    """
+    if settings.broker.url.startswith("memory:"):
+        return
+    limit = settings.broker.consumer_timeout
+    for task in app.tasks.values():
+        timeout = task.timeout or settings.jobs.timeout
+        if timeout > limit:
+            raise ConfigError(
+                f"task {task.name!r} may run {timeout:g} s, longer than RabbitMQ's consumer_timeout"
+                f" (broker.consumer_timeout = {limit:g} s), after which the broker would take the"
+                " job back and run it twice: shorten the timeout, or raise consumer_timeout on the"
+                " broker and broker.consumer_timeout with it"
+            )
+
+
 class Service:
     def __init__(self, app: App, settings: Settings) -> None:
+        check_timeouts(app, settings)
         self.app = app
         self.settings = settings
         self.store = JobStore(result_ttl=settings.jobs.result_ttl)
@@ -54,6 +78,9 @@ class Service:
         self._replayed = False
         self._stopping = False
         self._submitting: dict[str, asyncio.Future[None]] = {}
+        self._max_timeout = (
+            settings.broker.consumer_timeout if self.broker.durable else submission.MAX_TIMEOUT
+        )
         self._expiry: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -128,7 +155,9 @@ class Service:
         returns the first job (True only for the first); the same key with another body is 409.
         """
         now = time.time()
-        spec = build_spec(body, self.app.tasks, self.settings.jobs, now, idempotency_key)
+        spec = build_spec(
+            body, self.app.tasks, self.settings.jobs, now, idempotency_key, self._max_timeout
+        )
         self.check_replayed()
         if self._stopping:
             raise NotReady("shutting down")

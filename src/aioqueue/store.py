@@ -109,6 +109,9 @@ class JobStore:
         """Apply one event; None (and no change) if it does not apply to the job's state."""
         if event["event"] == "queued":  # a job recorded again by its runner (see runner.py)
             return self.create(event["spec"])
+        if event["event"] == "rejected":  # its queue refused it: it was never accepted
+            self._forget(event["job"])
+            return None
         job = self._jobs.get(event["job"])
         if job is None:
             logger.debug("event %s for unknown job %s", event["event"], event["job"])
@@ -159,13 +162,18 @@ class JobStore:
             if job.finished_at is not None and job.finished_at < horizon
         ]
         for job_id in expired:
-            del self._jobs[job_id]
-            del self._seq_of[job_id]
-        if expired:
-            self._by_key = {k: i for k, i in self._by_key.items() if i in self._jobs}
+            self._forget(job_id)
         if len(self._ids) > 2 * len(self._jobs) + 1024:
             self._compact()
         return len(expired)
+
+    def _forget(self, job_id: str) -> None:
+        job = self._jobs.pop(job_id, None)
+        if job is None:
+            return
+        del self._seq_of[job_id]
+        if job.idempotency_key is not None and self._by_key.get(job.idempotency_key) == job_id:
+            del self._by_key[job.idempotency_key]
 
     def _compact(self) -> None:
         kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in self._jobs]

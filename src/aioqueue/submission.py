@@ -52,6 +52,7 @@ def build_spec(
     defaults: JobsSettings,
     now: float,
     idempotency_key: str | None = None,
+    max_timeout: float = MAX_TIMEOUT,
 ) -> dict[str, Any]:
     """Check a submit body and return the job's spec; raises InvalidRequest or NotFound."""
     if not isinstance(body, dict):
@@ -75,7 +76,7 @@ def build_spec(
     ]
     queue = _queue(body, task, {t.queue for t in tasks.values()}, errors)
     max_attempts = _max_attempts(body, task, defaults, errors)
-    timeout = _timeout(body, task, defaults, errors)
+    timeout = _timeout(body, task, defaults, errors, max_timeout)
     delay = _delay(body, now, errors)
     key = _idempotency_key(body, idempotency_key, errors)
     args = body.get("args")
@@ -131,7 +132,11 @@ def _max_attempts(
 
 
 def _timeout(
-    body: dict[str, Any], task: Task[Any, Any], defaults: JobsSettings, errors: list[FieldError]
+    body: dict[str, Any],
+    task: Task[Any, Any],
+    defaults: JobsSettings,
+    errors: list[FieldError],
+    most: float,
 ) -> float:
     value = body.get("timeout")
     if value is None:
@@ -140,11 +145,9 @@ def _timeout(
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not math.isfinite(value)
-        or not 0 < value <= MAX_TIMEOUT
+        or not 0 < value <= most
     ):
-        errors.append(
-            FieldError("timeout", f"expected seconds, above 0 and at most {MAX_TIMEOUT:g}")
-        )
+        errors.append(FieldError("timeout", f"expected seconds, above 0 and at most {most:g}"))
         return 1.0
     return float(value)
 

@@ -157,6 +157,14 @@ async def test_sigterm_closes_websockets_with_1001_and_exits_0(
         pytest.param({"AIOQUEUE_HTTP__PROT": "1"}, "AIOQUEUE_HTTP__PORT", id="typo"),
         pytest.param({"AIOQUEUE_APP": "tests.nothing:app"}, "cannot import", id="bad-app"),
         pytest.param({"AIOQUEUE_BROKER__URL": "redis://x"}, "broker.url", id="bad-url"),
+        pytest.param(
+            {
+                "AIOQUEUE_BROKER__URL": "amqp://g:g@127.0.0.1:1/",
+                "AIOQUEUE_BROKER__CONSUMER_TIMEOUT": "30",
+            },
+            "may run 300 s, longer than RabbitMQ's consumer_timeout",
+            id="task-longer-than-consumer-timeout",
+        ),
     ],
 )
 async def test_a_bad_config_stops_start_up_with_one_line(env: dict[str, str], needle: str) -> None:

@@ -41,7 +41,7 @@ from aiormq.abc import DeliveredMessage
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
 from aioqueue.config import BrokerSettings
-from aioqueue.errors import BrokerUnavailable
+from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ def translate_errors(action: str) -> Iterator[None]:
         yield
     except BrokerUnavailable:
         raise
+    except aio_pika.exceptions.DeliveryError as exc:
+        # Nacked: with x-overflow reject-publish, a queue at its x-max-length refused it.
+        raise QueueFull(f"{action}: the queue is full (broker.max_queue_length)") from exc
     except TimeoutError:
         raise BrokerUnavailable(f"{action}: no answer from RabbitMQ in time") from None
     except (
@@ -267,6 +270,8 @@ class AmqpBroker(Broker):
                     "x-dead-letter-exchange": names["dlx"],
                 }
             )
+            if self._settings.max_queue_length:  # fixed once declared (or use a policy)
+                arguments["x-max-length"] = self._settings.max_queue_length
             declared = await channel.declare_queue(
                 self.queue_name(queue), durable=True, arguments=arguments
             )

@@ -12,6 +12,7 @@ import collections
 from collections.abc import Collection
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.errors import QueueFull
 
 #: Dead letters kept in memory; the oldest go first beyond this.
 DEAD_LETTERS_KEPT = 10_000
@@ -44,8 +45,9 @@ class MemoryBroker(Broker):
     durable = False
     delay_resolution = 0.0
 
-    def __init__(self, prefetch: int) -> None:
+    def __init__(self, prefetch: int, max_queue_length: int = 0) -> None:
         self._prefetch = prefetch
+        self._max_queue_length = max_queue_length
         self._queues: dict[str, asyncio.Queue[MemoryDelivery]] = {}
         self._credit: dict[str, asyncio.Semaphore] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
@@ -100,6 +102,8 @@ class MemoryBroker(Broker):
         return None if self._on_log is not None else "broker not started"
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+        if self._max_queue_length and self._queues[queue].qsize() >= self._max_queue_length:
+            raise QueueFull("the queue is full (broker.max_queue_length)")
         self._log(LogKind.JOB, body)
         await self.publish(body, queue, delay)
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from aioqueue.errors import BrokerUnavailable, FieldError, NotReady, RequestError
+from aioqueue.errors import BrokerUnavailable, FieldError, NotReady, QueueFull, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ def render(exc: Exception) -> web.Response:
     if isinstance(exc, RequestError):
         errors = getattr(exc, "errors", None)
         return problem(exc.status, exc.title, exc.detail, errors)
+    if isinstance(exc, QueueFull):
+        retry = {"Retry-After": str(exc.retry_after)}
+        return problem(429, "Too many requests", str(exc), headers=retry)
     if isinstance(exc, BrokerUnavailable | NotReady):
         retry = {"Retry-After": str(exc.retry_after)}
         return problem(503, "Service unavailable", str(exc), headers=retry)

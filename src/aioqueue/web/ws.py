@@ -13,7 +13,14 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-from aioqueue.errors import BrokerUnavailable, InvalidRequest, NotFound, NotReady
+from aioqueue.errors import (
+    BrokerUnavailable,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    QueueFull,
+)
 from aioqueue.web.hub import Connection, job_frame
 from aioqueue.web.state import STATE, State
 
@@ -75,6 +82,8 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         _send(conn, _error(exc.code, exc.message, **exc.extra), frame_id)
     except (BrokerUnavailable, NotReady) as exc:
         _send(conn, _error("unavailable", f"try again shortly: {exc}"), frame_id)
+    except QueueFull as exc:
+        _send(conn, _error("queue_full", f"try again shortly: {exc}"), frame_id)
 
 
 def _send(conn: Connection, reply: dict[str, Any] | bytes, frame_id: Any = None) -> None:
@@ -135,6 +144,8 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
         raise FrameError("invalid_job", exc.detail, errors=errors) from None
     except NotFound as exc:
         raise FrameError("not_found", exc.detail) from None
+    except Conflict as exc:
+        raise FrameError("conflict", exc.detail) from None
     return [{"type": "submitted", "job": job.to_dict()}]
 
 
