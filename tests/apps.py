@@ -106,3 +106,10 @@ async def chatter(ctx: Context, seconds: float, interval: float = 0.01) -> int:
         await ctx.progress(min(1.0, 1 - (end - loop.time()) / seconds), f"tick {sent} " + "x" * 200)
         await asyncio.sleep(interval)
     return sent
+
+
+@app.task
+async def crash(ctx: Context) -> None:
+    """A poison job: kills the whole process every time it runs."""
+    _record(ctx)
+    os._exit(1)
