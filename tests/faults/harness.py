@@ -38,6 +38,8 @@ class Report:
     lost: list[str] = field(default_factory=list)
     executed_twice: int = 0
     outcomes_twice: list[str] = field(default_factory=list)
+    #: The slowest answer to a submit sent after the fault and refused, in seconds.
+    slowest_refusal: float = 0.0
     fault_at: float | None = None
     first_accept_after_fault: float | None = None
     drained_at: float | None = None
@@ -105,6 +107,9 @@ async def run_load(
                             report.first_accept_after_fault = min(first or sent, sent)
                         continue
                     report.rejected[str(response.status)] += 1
+                    if report.fault_at is not None and sent > report.fault_at:
+                        took = time.monotonic() - sent
+                        report.slowest_refusal = max(report.slowest_refusal, took)
             except (TimeoutError, aiohttp.ClientError):
                 report.rejected["no connection"] += 1
             await asyncio.sleep(0.2)  # back off while the service is unavailable

@@ -81,19 +81,30 @@ async def test_broker_sigkilled_and_restarted_mid_load(
 ) -> None:
     server = start(rabbit, prefix, tmp_path, servers)
     await wait_ready(http, server.url)
+    watcher = await http.ws_connect(server.url + "/v1/ws")
+    outage: dict[str, tuple[int, str]] = {}
 
     async def fault(mark: Callable[[], None]) -> None:
-        rabbit.kill()
+        rabbit.kill()  # returns once the node is gone
         mark()
         await asyncio.sleep(1)
+        async with http.get(server.url + "/readyz") as ready:
+            outage["readyz"] = (ready.status, (await ready.json())["detail"])
         await asyncio.to_thread(rabbit.restart)
 
     report = Report("RabbitMQ SIGKILL, restart")
     await run_load(http, lambda: [server.url], report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
     await wait_ready(http, server.url, deadline=60)
     await account(http, report, lambda: [server.url], rabbit, prefix, tmp_path)
+    print(f"slowest refusal {report.slowest_refusal:.2f} s; /readyz during the outage: {outage}")
     assert report.rejected, "the outage was not seen by any submit"
     assert set(report.rejected) <= {"503"}, report.rejected
+    assert report.slowest_refusal < 1.0  # G3: no hang
+    status, reason = outage["readyz"]
+    assert status == 503 and "RabbitMQ" in reason
+    await watcher.send_str('{"op": "ping"}')  # the websocket stayed open through the outage
+    assert (await watcher.receive(timeout=5)).json() == {"type": "pong"}
+    await watcher.close()
 
 
 async def test_all_connections_closed_mid_load(
