@@ -10,9 +10,10 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.rabbitmq import RABBITMQ_BIN, RabbitNode
@@ -67,3 +68,12 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 def prefix() -> str:
     """A name prefix of this test's own: its exchanges and queues are its alone."""
     return "t" + secrets.token_hex(4)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP and websocket client for tests of a served aioqueue; every call times out."""
+    timeout = aiohttp.ClientTimeout(total=30)
+    connector = aiohttp.TCPConnector(limit=200)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        yield session

@@ -6,7 +6,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -24,12 +24,6 @@ def server(rabbit: RabbitNode, prefix: str, tmp_path: Path) -> Iterator[ServePro
     process = ServeProcess(rabbit.url, prefix).start(tmp_path)
     yield process
     process.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def test_consumers_come_back_by_themselves_after_connections_are_dropped(

@@ -6,7 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +32,6 @@ def serve(broker_url: str, prefix: str, tmp_path: Path) -> Iterator[StartServe]:
     for process in started:
         if process.proc is not None and process.proc.poll() is None:
             process.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def next_job_frame(ws: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:

@@ -6,7 +6,6 @@ import asyncio
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,12 +17,6 @@ from tests.support import JSON, ServeProcess, submit, wait_ready, wait_terminal
 
 pytestmark = pytest.mark.amqp
 GRACE = 1.5
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def wait_running(http: aiohttp.ClientSession, url: str, job_id: str) -> None:

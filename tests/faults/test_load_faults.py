@@ -7,7 +7,7 @@ Each test accounts for every job (see harness.py) and prints its row of the repo
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -20,15 +20,6 @@ from tests.support import ServeProcess, wait_ready
 pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(240)]
 
 TOTAL, CONCURRENCY, FAULT_AT = 2000, 50, 700
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(
-        timeout=timeout, connector=aiohttp.TCPConnector(limit=200)
-    ) as s:
-        yield s
 
 
 @pytest.fixture

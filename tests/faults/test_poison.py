@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -15,12 +14,6 @@ from tests.support import ServeProcess, submit, wait_ready, wait_terminal
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(120)]
 LIMIT = 2
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
-        yield session
 
 
 async def test_a_job_that_crashes_the_process_is_dead_after_its_delivery_limit(

@@ -12,7 +12,7 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -77,12 +77,6 @@ def server(tmp_path: Path, prefix: str) -> Iterator[ServeProcess]:
     process = ServeProcess("memory://", prefix).start(tmp_path)
     yield process
     process.kill()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
 
 
 async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
