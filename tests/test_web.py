@@ -13,7 +13,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
-from aioqueue.config import HttpSettings, WsSettings
+from aioqueue.config import HttpSettings, JobsSettings, WsSettings
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 
@@ -47,6 +47,7 @@ async def client(
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
 ) -> Client:
     settings = Settings(
+        jobs=JobsSettings(shutdown_grace=0.2),
         http=HttpSettings(max_body_bytes=4096),
         ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
     )
