@@ -45,8 +45,13 @@ async def test_sigterm_finishes_short_jobs_requeues_long_ones_and_exits_0(
         await wait_running(http, first.url, long["id"])
         stopped_at = time.monotonic()
         first.signal(signal.SIGTERM)
-        async with http.get(first.url + "/readyz") as ready:
-            assert ready.status == 503 and "shutting down" in (await ready.json())["detail"]
+        while True:  # the signal takes a moment to arrive; then /readyz says so at once
+            async with http.get(first.url + "/readyz") as ready:
+                if ready.status == 503:
+                    assert "shutting down" in (await ready.json())["detail"]
+                    break
+            assert time.monotonic() - stopped_at < 1.0, "still ready 1 s after SIGTERM"
+            await asyncio.sleep(0.02)
         body = orjson.dumps({"task": "echo"})
         async with http.post(first.url + "/v1/jobs", data=body, headers=JSON) as refused:
             assert refused.status == 503 and refused.headers["Retry-After"]
