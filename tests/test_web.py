@@ -48,7 +48,7 @@ async def client(
 ) -> Client:
     settings = Settings(
         jobs=JobsSettings(shutdown_grace=0.2),
-        http=HttpSettings(max_body_bytes=4096),
+        http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
         ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
     )
     test_client = await aiohttp_client(create_app(make_app(), settings))
@@ -341,3 +341,23 @@ async def test_a_key_reused_with_another_body_is_a_409(client: Client) -> None:
     response = await client.post("/v1/jobs", data=orjson.dumps(mismatch), headers=headers)
     assert response.status == 400
     assert job_count(client) == 1
+
+
+async def test_a_body_that_stops_arriving_is_a_408_not_a_hang(client: Client) -> None:
+    """A client that promises 100 bytes and sends 5 is answered once http.body_timeout passes."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        head = (
+            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Content-Length: 100\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"tas')
+        await writer.drain()
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert b"application/problem+json" in answer
+        assert time.monotonic() - started < 3
+    finally:
+        writer.close()
+    assert job_count(client) == 0

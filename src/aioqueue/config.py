@@ -83,6 +83,7 @@ class HttpSettings:
     host: str = _key("127.0.0.1", str, "expected a non-empty host name", bool)
     port: int = _int(8080, 0, 65535)  # 0: any free port
     max_body_bytes: int = _int(1048576, 1024)
+    body_timeout: float = _float(10.0, 0, above=True)  # seconds to receive a whole request body
 
 
 @dataclass(frozen=True, slots=True)

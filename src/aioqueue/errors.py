@@ -7,6 +7,7 @@ AioqueueError
 ├── RequestError                       the caller's fault; maps to a 4xx
 │   ├── InvalidRequest                 400: bad JSON, bad fields, bad task arguments
 │   ├── NotFound                       404: unknown job or task
+│   ├── RequestTimeout                 408: the body did not arrive in http.body_timeout
 │   ├── Conflict                       409: the job is in the wrong state
 │   ├── PayloadTooLarge                413
 │   └── UnsupportedMediaType           415
@@ -76,6 +77,11 @@ class NotFound(RequestError):
 class Conflict(RequestError):
     status = 409
     title = "Conflict"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    title = "Request timeout"
 
 
 class PayloadTooLarge(RequestError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -14,6 +15,7 @@ from aioqueue.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from aioqueue.jobs import JobStatus
@@ -39,10 +41,15 @@ async def read_json(request: web.Request) -> Any:
     limit = request.app[STATE].settings.http.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes (http.max_body_bytes)")
+    seconds = request.app[STATE].settings.http.body_timeout
     try:
-        body = await request.read()
+        # A client that stops sending mid-body would hold this handler for ever.
+        async with asyncio.timeout(seconds):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {seconds:g} s") from None
     if len(body) > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes (http.max_body_bytes)")
     if not body:
