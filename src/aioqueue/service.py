@@ -100,8 +100,8 @@ class Service:
         self._expiry = asyncio.create_task(self._expire_forever(), name="aioqueue-expiry")
 
     async def _replay(self) -> None:
-        # The barrier's echo comes back after every older entry is applied. A long log may take
-        # longer than one echo timeout to replay: wait again while entries keep arriving.
+        # The barrier's echo comes back after every older entry is applied. A long log takes
+        # longer than one echo timeout to replay, and the broker may be away: try again.
         while True:
             try:
                 await self.log.barrier()
