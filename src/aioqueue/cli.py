@@ -187,6 +187,10 @@ async def _serve(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # A supervisor may send SIGTERM again while we drain: the shutdown is under way, so ignore it
+    # (the event loop would otherwise restore the default action on its way out, and die by it).
+    loop.remove_signal_handler(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logger.info("stopping: no new jobs; running jobs get %.0f s", settings.jobs.shutdown_grace)
     await shutdown(web_app)  # HTTP still answers meanwhile: 503 to submits and /readyz
     await runner.cleanup()

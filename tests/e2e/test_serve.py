@@ -141,7 +141,7 @@ async def test_sigterm_closes_websockets_with_1001_and_exits_0(
         server.signal(signal.SIGTERM)
         message = await ws.receive(timeout=10)
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001
-    assert server.stop() == 0
+    assert server.proc is not None and server.proc.wait(timeout=10) == 0
 
 
 @pytest.mark.parametrize(
