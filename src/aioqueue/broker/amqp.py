@@ -398,7 +398,11 @@ class AmqpBroker(Broker):
         await channel.basic_consume(name, on_message)
 
     async def _on_dead_letter(self, delivery: AmqpDelivery, headers: dict[str, Any]) -> None:
-        reason = str(headers.get("x-first-death-reason") or "dead-lettered")
+        # The latest death is first in x-death. (x-first-death-reason is the first ever: for a
+        # delayed or retried job, "expired", from its pass through the delay queues.)
+        deaths = headers.get("x-death") or []
+        latest = deaths[0].get("reason") if deaths and isinstance(deaths[0], dict) else None
+        reason = str(latest or headers.get("x-first-death-reason") or "dead-lettered")
         assert self._on_dead is not None
         try:
             await self._on_dead(delivery.body, reason)
