@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
@@ -18,15 +20,37 @@ import pytest
 
 from tests.rabbitmq import RABBITMQ_BIN, RabbitNode
 
+NODE_START_TIMEOUT = 120.0  # its own bound, outside the first test's 60 s (pyproject)
+
 
 class ExternalBroker:
-    """A broker the developer runs (AQ_TEST_AMQP_URL): no fault injection on it."""
+    """A broker the developer runs (AQ_TEST_AMQP_URL=amqp://...): a URL, no fault injection."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        self._url = url
+
+    @property
+    def url(self) -> str:
+        return self._url
 
     def __getattr__(self, name: str) -> object:
-        raise RuntimeError(f"{name}() needs the private node; unset AQ_TEST_AMQP_URL")
+        if name.startswith("_"):
+            raise AttributeError(name)
+        raise RuntimeError(
+            f"rabbit.{name} needs the private node that pytest starts: unset AQ_TEST_AMQP_URL"
+        )
+
+
+@contextmanager
+def _outside_test_timeout() -> Iterator[None]:
+    """pytest-timeout's alarm (SIGALRM) also times fixture setup: pause it, then re-arm it."""
+    left, _ = signal.getitimer(signal.ITIMER_REAL)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    try:
+        yield
+    finally:
+        if left:
+            signal.setitimer(signal.ITIMER_REAL, left)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +65,8 @@ def rabbit() -> Iterator[RabbitNode | ExternalBroker]:
     base = Path(tempfile.mkdtemp(prefix="aioqueue-rabbit-"))
     node = RabbitNode(base)
     try:
-        node.start()
+        with _outside_test_timeout():
+            node.start(timeout=NODE_START_TIMEOUT)
         yield node
     finally:
         try:

@@ -11,33 +11,45 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_compose_runs_aioqueue_against_the_rabbitmq_service() -> None:
+    """The aioqueue service waits for a healthy rabbitmq service and logs in with its user."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "version" not in compose  # obsolete in the Compose specification
     rabbit, app = compose["services"]["rabbitmq"], compose["services"]["aioqueue"]
     assert rabbit["image"].startswith("rabbitmq:") and "management" in rabbit["image"]
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
+    assert {"5672:5672", "15672:15672"} <= set(rabbit["ports"])
+    assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
     url = urlsplit(app["environment"]["AIOQUEUE_BROKER__URL"])
     env = rabbit["environment"]
-    assert (url.scheme, url.hostname) == ("amqp", "rabbitmq")
+    assert (url.scheme, url.hostname, url.port) == ("amqp", "rabbitmq", 5672)
+    # guest may only log in from localhost: the app uses the user the rabbitmq service creates
     assert (url.username, url.password) == (
         env["RABBITMQ_DEFAULT_USER"],
         env["RABBITMQ_DEFAULT_PASS"],
     )
+    assert url.username != "guest"
     assert app["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert app["environment"]["AIOQUEUE_HTTP__HOST"] == "0.0.0.0"
     assert "8080:8080" in app["ports"] and app["build"] == "."
+    assert app["restart"] == "unless-stopped"
 
 
 def test_dockerfile_serves_the_examples_and_checks_health() -> None:
+    """The image runs `aioqueue serve` as a non-root user and its health check hits /healthz."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert '"aioqueue", "serve", "examples.tasks:app"' in dockerfile
-    assert "HEALTHCHECK" in dockerfile and "/healthz" in dockerfile
-    assert "USER " in dockerfile
+    healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\nCMD")[0]
+    assert "/healthz" in healthcheck
+    assert "USER " in dockerfile and "EXPOSE 8080" in dockerfile
 
 
 def test_ci_and_the_readme_use_the_same_test_command() -> None:
+    """CI runs scripts/test, and the README tells a newcomer about scripts/test and scripts/serve."""
     assert "exec scripts/test" in (ROOT / ".ci" / "run").read_text()
-    readme = (ROOT / "README.md").read_text()
-    assert "scripts/test" in readme and "scripts/serve" in readme
+    readme = ROOT / "README.md"
+    assert readme.exists(), "README.md is missing"
+    text = readme.read_text()
+    assert "scripts/test" in text and "scripts/serve" in text
 
 
 def test_every_package_folder_has_an_init_so_a_plain_install_ships_it() -> None:
