@@ -203,7 +203,13 @@ async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
         pytest.param({"task": "nope"}, NotFound, id="unknown-task"),
         pytest.param({"task": "add", "args": [1], "queue": "q2"}, InvalidRequest, id="bad-queue"),
         pytest.param({"task": "add", "args": [1], "extra": 1}, InvalidRequest, id="unknown-field"),
-        pytest.param({"task": "add", "args": [1], "priority": 5}, InvalidRequest, id="not-built"),
+        pytest.param({"task": "add", "args": [1], "ttl": 60}, InvalidRequest, id="not-built"),
+        pytest.param(
+            {"task": "add", "args": [1], "priority": 10}, InvalidRequest, id="priority-10"
+        ),
+        pytest.param(
+            {"task": "add", "args": [1], "priority": True}, InvalidRequest, id="priority-bool"
+        ),
         pytest.param(
             {"task": "add", "args": [1], "delay": -1}, InvalidRequest, id="negative-delay"
         ),
@@ -406,3 +412,41 @@ async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: An
         assert (await until_terminal(service, job.id)).status.value == "succeeded"
     accepted = await service.submit({"task": "blocker", "idempotency_key": "refused"})
     assert (await until_terminal(service, accepted.id)).status.value == "succeeded"
+
+
+async def test_higher_priorities_start_before_a_backlog_of_lower_ones(make_service: Any) -> None:
+    """Priority holds within a queue: 3 urgent jobs submitted behind 20 others overtake them.
+
+    The memory broker orders its queue exactly; RabbitMQ has one queue per priority band and the
+    process picks by exact priority among what its band consumers hold, so an urgent job waits
+    at most for the jobs already in the process's hands.
+    """
+    app = make_app([])
+    release = asyncio.Event()
+    started: list[str] = []
+
+    @app.task(queue="ordered")
+    async def blocker() -> None:
+        await release.wait()
+
+    @app.task(queue="ordered", priority=2)
+    async def record(label: str) -> None:
+        started.append(label)
+
+    service = await make_service(app, broker={"prefetch": 1})
+    first = await service.submit({"task": "blocker"})
+    await service.store.wait_for(first.id, lambda j: j.status.value == "running", 10)
+    jobs = [await service.submit({"task": "record", "args": [f"low{n}"]}) for n in range(20)]
+    for n in range(3):
+        job = await service.submit({"task": "record", "args": [f"high{n}"], "priority": 9})
+        assert job.priority == 9
+        jobs.append(job)
+    assert jobs[0].priority == 2  # the task's default
+    release.set()
+    for job in jobs:
+        assert (await until_terminal(service, job.id)).status.value == "succeeded"
+    highs = [started.index(f"high{n}") for n in range(3)]
+    assert highs == sorted(highs)  # in their own submit order
+    assert max(highs) < started.index("low9"), started
+    lows = [label for label in started if label.startswith("low")]
+    assert lows == [f"low{n}" for n in range(20)]  # one band keeps its order

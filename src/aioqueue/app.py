@@ -52,6 +52,7 @@ class App:
         timeout: float | None = None,
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
+        priority: int = 0,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     # mypy cannot match a ParamSpec that only the returned decorator binds (signature 2).
@@ -66,6 +67,7 @@ class App:
         timeout: float | None = None,
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
+        priority: int = 0,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task: `@app.task` or `@app.task(queue=..., ...)`.
 
@@ -81,6 +83,7 @@ class App:
                 timeout=timeout,
                 retry_backoff=retry_backoff,
                 retry_backoff_max=retry_backoff_max,
+                priority=priority,
             )
             if task.name in self.tasks:
                 raise TaskDefinitionError(f"a task named {task.name!r} is registered already")

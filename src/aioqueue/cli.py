@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--args", default="null", help='arguments as JSON: an object {"x": 1} or an array [1, 2]'
     )
     submit.add_argument("--max-attempts", type=int)
+    submit.add_argument("--priority", type=int, help="0 (the default) to 9 (runs first)")
     submit.add_argument("--timeout", type=float, help="seconds the task may run")
     submit.add_argument(
         "--wait", action="store_true", help="follow the job to its end and print its result"
@@ -254,6 +255,8 @@ async def _submit(api: client.Client, args: argparse.Namespace) -> int:
         body["max_attempts"] = args.max_attempts
     if args.timeout is not None:
         body["timeout"] = args.timeout
+    if args.priority is not None:
+        body["priority"] = args.priority
     if not args.wait:
         job = await api.submit(body)
         print(job["id"])

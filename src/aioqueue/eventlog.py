@@ -89,7 +89,9 @@ class EventLog:
             due = spec.get("scheduled_for")
             delay = 0.0 if due is None else max(0.0, due - spec["created_at"])
             try:
-                await self._broker.submit(orjson.dumps(spec), spec["queue"], delay)
+                await self._broker.submit(
+                    orjson.dumps(spec), spec["queue"], delay, spec.get("priority", 0)
+                )
             except QueueFull:
                 # The log took the job, its queue did not: take it back out of every store.
                 self.emit({"job": spec["id"], "event": "rejected"})

@@ -104,6 +104,7 @@ class Job:
         "id",
         "idempotency_key",
         "max_attempts",
+        "priority",
         "progress",
         "queue",
         "result",
@@ -130,6 +131,7 @@ class Job:
         run: int = 0,
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
+        priority: int = 0,
     ) -> None:
         self.id = id
         self.task = task
@@ -145,6 +147,8 @@ class Job:
         #: The submit's idempotency key, and a digest of the rest of its body.
         self.idempotency_key = idempotency_key
         self.fingerprint = fingerprint
+        #: 0 to 9, highest first (see gate.py and the brokers).
+        self.priority = priority
         #: When a delayed job is due; then its status is `scheduled` until it starts.
         self.scheduled_for = scheduled_for
         self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
@@ -170,6 +174,7 @@ class Job:
             run=spec.get("run", 0),
             idempotency_key=spec.get("idempotency_key"),
             fingerprint=spec.get("fingerprint"),
+            priority=spec.get("priority", 0),
         )
 
     def spec(self, attempt: int | None = None) -> dict[str, Any]:
@@ -187,6 +192,7 @@ class Job:
             "run": self.run,
             "idempotency_key": self.idempotency_key,
             "fingerprint": self.fingerprint,
+            "priority": self.priority,
         }
 
     @property

@@ -16,6 +16,7 @@ The order of each step is what makes an outcome single (DESIGN G2):
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import random
@@ -32,6 +33,7 @@ from aioqueue.config import JobsSettings
 from aioqueue.context import Context, SyncContext
 from aioqueue.errors import BrokerUnavailable
 from aioqueue.eventlog import EventLog
+from aioqueue.gate import PriorityGate
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
 from aioqueue.tasks import Task
@@ -96,6 +98,8 @@ class Runner:
         store: JobStore,
         submit: SubmitFn,
         threads: int,
+        concurrency: int,
+        max_wait: float,
     ) -> None:
         self._tasks = tasks
         self._defaults = defaults
@@ -108,6 +112,11 @@ class Runner:
         self.running: dict[str, asyncio.Task[Any]] = {}
         #: Sync tasks still running in a thread (a thread cannot be stopped).
         self.busy_threads = 0
+        #: Per queue: which of the jobs this process holds starts next, `concurrency` at once.
+        self._gates: collections.defaultdict[str, PriorityGate] = collections.defaultdict(
+            lambda: PriorityGate(concurrency, max_wait)
+        )
+        self._stopping = False
         self._draining = False
         store.listeners.append(self._on_change)
 
@@ -122,6 +131,7 @@ class Runner:
 
     async def drain(self, grace: float) -> int:
         """Let running jobs finish for `grace` seconds; cancel and requeue the rest."""
+        self._stopping = True  # jobs waiting for a slot go back rather than start
         running = list(self.running.values())
         if not running:
             return 0
@@ -143,6 +153,14 @@ class Runner:
             await self._broker.dead_letter(delivery.body, f"undecodable: {exc}")
             await delivery.ack()
             return
+        async with self._gates[spec["queue"]].slot(spec.get("priority", 0)):
+            if self._stopping:
+                await delivery.requeue()
+                return
+            await self._settle(delivery, spec)
+
+    async def _settle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
+        """Handle a job message, and ack or requeue it whatever happens."""
         try:
             await self._handle(delivery, spec)
         except asyncio.CancelledError:
@@ -198,6 +216,19 @@ class Runner:
             await self._log.append({"job": job_id, "event": "queued", "spec": spec})
             job = self._store.get(job_id)
         reason = _skip_reason(job, run, attempt, delivery.redelivered)
+        if reason is None and (running := self.running.get(job_id)) is not None:
+            # Redelivered while its first copy still runs here: the broker closed the channel
+            # under it (consumer_timeout, say). The first copy's outcome is this one's.
+            logger.info(
+                "job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt
+            )
+            await asyncio.wait([running])
+            job = self._store.get(job_id)
+            if job is not None and job.attempt == attempt and not job.terminal:
+                # It ended with no outcome (stopped by a shutdown): this copy goes back.
+                await delivery.requeue()
+                return
+            reason = "its first copy ran here"
         if reason is not None:
             logger.info("job %s attempt %d: not run, %s", job_id, attempt, reason)
             await delivery.ack()
@@ -267,7 +298,10 @@ class Runner:
             return
         delay = self._backoff(task, attempt)
         await self._broker.publish(
-            orjson.dumps({**spec, "attempt": attempt + 1}), spec["queue"], delay
+            orjson.dumps({**spec, "attempt": attempt + 1}),
+            spec["queue"],
+            delay,
+            spec.get("priority", 0),
         )
         scheduled_for = time.time() + delay
         await self._log.append(

@@ -74,6 +74,9 @@ class Service:
             self.store,
             submit=self.submit,
             threads=max(4, settings.broker.prefetch * len(queues)),
+            concurrency=settings.broker.prefetch,
+            # Lower priorities are delayed, not held until the broker's consumer_timeout.
+            max_wait=settings.broker.consumer_timeout / 4,
         )
         self._replayed = False
         self._stopping = False
@@ -222,7 +225,7 @@ class Service:
         # The message first: a `retried` event is only written once the job can run. The
         # runner waits for the event when it gets a message of a newer run.
         spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None}
-        await self.broker.publish(orjson.dumps(spec), job.queue)
+        await self.broker.publish(orjson.dumps(spec), job.queue, priority=job.priority)
         await self.log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
         return job
 

@@ -17,7 +17,7 @@ import orjson
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import FieldError, InvalidRequest, NotFound
-from aioqueue.tasks import Task
+from aioqueue.tasks import PRIORITIES, Task
 
 FIELDS = frozenset(
     {
@@ -34,7 +34,7 @@ FIELDS = frozenset(
     }
 )
 #: Fields of the contract whose feature is not built yet: refused rather than ignored.
-NOT_BUILT = frozenset({"priority", "ttl"})
+NOT_BUILT = frozenset({"ttl"})
 MAX_KEY_LENGTH = 255
 MAX_TIMEOUT = 30 * 86400.0
 #: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
@@ -76,6 +76,7 @@ def build_spec(
     ]
     queue = _queue(body, task, {t.queue for t in tasks.values()}, errors)
     max_attempts = _max_attempts(body, task, defaults, errors)
+    priority = _priority(body, task, errors)
     timeout = _timeout(body, task, defaults, errors, max_timeout)
     delay = _delay(body, now, errors)
     key = _idempotency_key(body, idempotency_key, errors)
@@ -96,6 +97,7 @@ def build_spec(
         "created_at": now,
         "attempt": 1,
         "scheduled_for": now + delay if delay > 0 else None,
+        "priority": priority,
     }
     if key is not None:
         # What "the same body" means for a repeated key: the request, less the key itself.
@@ -128,6 +130,16 @@ def _max_attempts(
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
         errors.append(FieldError("max_attempts", "expected an integer from 1 to 1000"))
         return 1
+    return value
+
+
+def _priority(body: dict[str, Any], task: Task[Any, Any], errors: list[FieldError]) -> int:
+    value = body.get("priority")
+    if value is None:
+        return task.priority
+    if isinstance(value, bool) or not isinstance(value, int) or value not in PRIORITIES:
+        errors.append(FieldError("priority", "expected an integer from 0 (default) to 9 (first)"))
+        return 0
     return value
 
 

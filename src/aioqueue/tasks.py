@@ -16,6 +16,8 @@ R = TypeVar("R")
 
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TASK_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,200}")
+#: Job priorities, highest runs first; 0 is the default (as in RabbitMQ and Celery).
+PRIORITIES = range(10)
 
 
 class Task(Generic[P, R]):
@@ -31,6 +33,7 @@ class Task(Generic[P, R]):
         timeout: float | None = None,
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
+        priority: int = 0,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
@@ -39,6 +42,7 @@ class Task(Generic[P, R]):
         self.timeout = timeout
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
+        self.priority = priority
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = Signature.of(fn)
         self._check_options()
@@ -53,6 +57,8 @@ class Task(Generic[P, R]):
             )
         if self.max_attempts is not None and not 1 <= self.max_attempts <= 1000:
             raise TaskDefinitionError(f"{where}: max_attempts must be from 1 to 1000")
+        if isinstance(self.priority, bool) or self.priority not in PRIORITIES:
+            raise TaskDefinitionError(f"{where}: priority must be an integer from 0 to 9")
         for option in ("timeout", "retry_backoff", "retry_backoff_max"):
             value = getattr(self, option)
             if value is not None and not value >= (0 if option != "timeout" else 1e-3):

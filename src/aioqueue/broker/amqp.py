@@ -53,6 +53,16 @@ LOG_PREFETCH = 1000
 LOG_ACK_EVERY = LOG_PREFETCH // 4
 KIND_HEADER = "aq-kind"
 RECONNECT_DELAY_MAX = 5.0
+#: Quorum queues have no message priorities (RabbitMQ 3.10), so a queue is one quorum queue per
+#: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9. Each band has its
+#: own consumer; the process starts what they hand it by exact priority (see gate.py).
+BAND_SUFFIXES = ("", ".p4", ".p7")
+
+
+def band_suffix(priority: int) -> str:
+    return (
+        BAND_SUFFIXES[0] if priority < 4 else BAND_SUFFIXES[1] if priority < 7 else BAND_SUFFIXES[2]
+    )
 
 
 @contextlib.contextmanager
@@ -162,8 +172,13 @@ class AmqpBroker(Broker):
         self._log_unacked = 0
         self._delay_entry: AbstractExchange | None = None
 
-    def queue_name(self, queue: str) -> str:
-        return f"{self._settings.prefix}.q.{queue}"
+    def queue_name(self, queue: str, priority: int = 0) -> str:
+        """The quorum queue of `queue`'s band for `priority`."""
+        return f"{self._settings.prefix}.q.{queue}{band_suffix(priority)}"
+
+    def queue_names(self, queue: str) -> list[str]:
+        """The quorum queues of every band of `queue`."""
+        return [f"{self._settings.prefix}.q.{queue}{suffix}" for suffix in BAND_SUFFIXES]
 
     # Life cycle -------------------------------------------------------------------------------
 
@@ -263,20 +278,20 @@ class AmqpBroker(Broker):
         deliver = await self._declare_delays(channel)
         assert self._delay_entry is not None
         await self._delay_entry.bind(delayed)  # keeps the routing key: the delay's digits
+        arguments = _quorum(
+            {
+                "x-delivery-limit": self._settings.delivery_limit,
+                "x-dead-letter-exchange": names["dlx"],
+            }
+        )
+        if self._settings.max_queue_length:  # fixed once declared (or use a policy)
+            arguments["x-max-length"] = self._settings.max_queue_length
         for queue in self._queues:
-            arguments = _quorum(
-                {
-                    "x-delivery-limit": self._settings.delivery_limit,
-                    "x-dead-letter-exchange": names["dlx"],
-                }
-            )
-            if self._settings.max_queue_length:  # fixed once declared (or use a policy)
-                arguments["x-max-length"] = self._settings.max_queue_length
-            declared = await channel.declare_queue(
-                self.queue_name(queue), durable=True, arguments=arguments
-            )
-            await declared.bind(jobs, routing_key=queue)
-            await declared.bind(deliver, routing_key=f"#.{self.queue_name(queue)}")
+            for suffix in BAND_SUFFIXES:
+                name = f"{self.queue_name(queue)}{suffix}"
+                declared = await channel.declare_queue(name, durable=True, arguments=arguments)
+                await declared.bind(jobs, routing_key=f"{queue}{suffix}")
+                await declared.bind(deliver, routing_key=f"#.{name}")
         assert self._delay_entry is not None
         session.exchanges = {
             "submit": submit,
@@ -332,7 +347,10 @@ class AmqpBroker(Broker):
         return channel
 
     async def _attach(self, session: _Session, queue: str) -> None:
-        name = self.queue_name(queue)
+        for name in self.queue_names(queue):
+            await self._attach_band(session, queue, name)
+
+    async def _attach_band(self, session: _Session, queue: str, name: str) -> None:
         channel = await self._consumer_channel(session, name, self._settings.prefetch)
         handler = self._handlers[queue]
 
@@ -340,11 +358,11 @@ class AmqpBroker(Broker):
             await handler(AmqpDelivery(channel, message))
 
         ok = await channel.basic_consume(name, on_message)
-        session.consumers[queue] = (channel, str(ok.consumer_tag))
+        session.consumers[name] = (channel, str(ok.consumer_tag))
         # Verify with the broker, not only with the client, that a consumer is attached.
         check = await channel.queue_declare(name, passive=True)
         if not check.consumer_count:
-            raise BrokerUnavailable(f"queue {queue}: consumer not attached")
+            raise BrokerUnavailable(f"queue {name}: consumer not attached")
 
     async def stop_consuming(self) -> None:
         self._consuming = False
@@ -418,7 +436,11 @@ class AmqpBroker(Broker):
         if self._problem is not None:
             return self._problem
         session = self._session
-        missing = [q for q in self._handlers if session is None or q not in session.consumers]
+        missing = [
+            queue
+            for queue in self._handlers
+            if session is None or any(n not in session.consumers for n in self.queue_names(queue))
+        ]
         if missing and self._consuming:
             return f"not consuming on queue {', '.join(sorted(missing))} yet"
         return None
@@ -448,20 +470,21 @@ class AmqpBroker(Broker):
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ refused the message ({type(confirmation).__name__})")
 
-    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         seconds = min(round(delay), DELAY_MAX)
         if seconds <= 0:
-            await self._publish("submit", queue, body)
+            await self._publish("submit", f"{queue}{band_suffix(priority)}", body)
         else:  # one publish to the log and the delay queues at once
-            key = delay_routing_key(seconds, self.queue_name(queue))
+            key = delay_routing_key(seconds, self.queue_name(queue, priority))
             await self._publish("submit-delayed", key, body)
 
-    async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+    async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         seconds = min(round(delay), DELAY_MAX)
         if seconds <= 0:
-            await self._publish("jobs", queue, body)
+            await self._publish("jobs", f"{queue}{band_suffix(priority)}", body)
         else:
-            await self._publish("delay", delay_routing_key(seconds, self.queue_name(queue)), body)
+            key = delay_routing_key(seconds, self.queue_name(queue, priority))
+            await self._publish("delay", key, body)
 
     async def append(self, body: bytes) -> None:
         await self._publish("default", self.names["events"], body, LogKind.EVENTS)

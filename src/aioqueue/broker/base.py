@@ -95,11 +95,14 @@ class Broker(abc.ABC):
         """None if connected, topology declared and every consumer attached; else why not."""
 
     @abc.abstractmethod
-    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
-        """Publish a new job: to `queue` (after `delay` seconds) and, at once, to the log."""
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
+        """Publish a new job: to `queue` (after `delay` seconds) and, at once, to the log.
+
+        Of the messages ready in a queue, those of a higher `priority` (0 to 9) come first.
+        """
 
     @abc.abstractmethod
-    async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+    async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         """Publish a job message to `queue` (not to the log), after `delay` seconds."""
 
     @abc.abstractmethod

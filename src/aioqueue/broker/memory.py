@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 from collections.abc import Collection
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
@@ -19,12 +20,15 @@ DEAD_LETTERS_KEPT = 10_000
 
 
 class MemoryDelivery(Delivery):
-    __slots__ = ("_broker", "_queue", "_settled", "body", "redelivered")
+    __slots__ = ("_broker", "_queue", "_settled", "body", "priority", "redelivered")
 
-    def __init__(self, broker: MemoryBroker, queue: str, body: bytes, redelivered: bool) -> None:
+    def __init__(
+        self, broker: MemoryBroker, queue: str, body: bytes, priority: int, redelivered: bool
+    ) -> None:
         self._broker = broker
         self._queue = queue
         self.body = body
+        self.priority = priority
         self.redelivered = redelivered
         self._settled = False
 
@@ -33,7 +37,7 @@ class MemoryDelivery(Delivery):
 
     async def requeue(self) -> None:
         self._settle()
-        self._broker.put(self._queue, self.body, redelivered=True)
+        self._broker.put(self._queue, self.body, self.priority, redelivered=True)
 
     def _settle(self) -> None:
         if not self._settled:
@@ -48,7 +52,9 @@ class MemoryBroker(Broker):
     def __init__(self, prefetch: int, max_queue_length: int = 0) -> None:
         self._prefetch = prefetch
         self._max_queue_length = max_queue_length
-        self._queues: dict[str, asyncio.Queue[MemoryDelivery]] = {}
+        #: Per queue: (-priority, arrival, delivery), so higher priorities come out first.
+        self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, MemoryDelivery]]] = {}
+        self._arrivals = itertools.count()
         self._credit: dict[str, asyncio.Semaphore] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -63,7 +69,7 @@ class MemoryBroker(Broker):
     ) -> None:
         self._on_log = on_log
         for name in queues:
-            self._queues[name] = asyncio.Queue()
+            self._queues[name] = asyncio.PriorityQueue()
             self._credit[name] = asyncio.Semaphore(self._prefetch)
 
     async def consume(self, queue: str, handler: DeliveryHandler) -> None:
@@ -72,13 +78,14 @@ class MemoryBroker(Broker):
     async def _consume(self, queue: str, handler: DeliveryHandler) -> None:
         while True:
             await self._credit[queue].acquire()
-            delivery = await self._queues[queue].get()
+            *_, delivery = await self._queues[queue].get()
             task = asyncio.create_task(handler(delivery))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def put(self, queue: str, body: bytes, redelivered: bool = False) -> None:
-        self._queues[queue].put_nowait(MemoryDelivery(self, queue, body, redelivered))
+    def put(self, queue: str, body: bytes, priority: int = 0, redelivered: bool = False) -> None:
+        delivery = MemoryDelivery(self, queue, body, priority, redelivered)
+        self._queues[queue].put_nowait((-priority, next(self._arrivals), delivery))
 
     def release(self, queue: str) -> None:
         self._credit[queue].release()
@@ -101,22 +108,22 @@ class MemoryBroker(Broker):
     def problem(self) -> str | None:
         return None if self._on_log is not None else "broker not started"
 
-    async def submit(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+    async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         if self._max_queue_length and self._queues[queue].qsize() >= self._max_queue_length:
             raise QueueFull("the queue is full (broker.max_queue_length)")
         self._log(LogKind.JOB, body)
-        await self.publish(body, queue, delay)
+        await self.publish(body, queue, delay, priority)
 
-    async def publish(self, body: bytes, queue: str, delay: float = 0.0) -> None:
+    async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         if delay <= 0:
-            self.put(queue, body)
+            self.put(queue, body, priority)
             return
         timer: asyncio.TimerHandle | None = None
 
         def due() -> None:
             assert timer is not None
             self._timers.discard(timer)
-            self.put(queue, body)
+            self.put(queue, body, priority)
 
         timer = asyncio.get_running_loop().call_later(delay, due)
         self._timers.add(timer)
