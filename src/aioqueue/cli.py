@@ -210,7 +210,7 @@ async def _check(settings: Settings) -> int:
     app = load_app(settings.app)
     service = Service(app, settings)
     try:
-        async with asyncio.timeout(settings.broker.confirm_timeout * 4):
+        async with asyncio.timeout(settings.broker.heartbeat * 3):
             await service.start()
     except (AioqueueError, TimeoutError) as exc:
         reason = str(exc) or service.problem() or "no answer in time"

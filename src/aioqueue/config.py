@@ -95,10 +95,10 @@ class BrokerSettings:
         _broker_url_ok,
     )
     prefetch: int = _int(32, 1, 65535)  # concurrent jobs per queue per process
-    confirm_timeout: float = _float(5.0, 0, above=True)  # seconds to wait for a confirm, then 503
+    confirm_timeout: float = _float(1.0, 0, above=True)  # a submit's wait for a confirm, then 503
     delivery_limit: int = _int(5, 1, 1000)  # x-delivery-limit of the job queues
     prefix: str = _pattern("aioqueue", r"[A-Za-z0-9_-]{1,64}", "expected 1-64 of A-Za-z0-9_-")
-    heartbeat: int = _int(10, 1, 600)  # seconds
+    heartbeat: int = _int(10, 1, 600)  # seconds; also the longest wait for an internal confirm
     max_queue_length: int = _int(0, 0)  # ready jobs per queue before submits get 429; 0: no limit
     consumer_timeout: float = _float(1800.0, 0, above=True)  # the broker's, in seconds
 

@@ -34,10 +34,15 @@ MAX_IN_FLIGHT = 2
 
 
 class EventLog:
-    def __init__(self, broker: Broker, store: JobStore, echo_timeout: float) -> None:
+    def __init__(
+        self, broker: Broker, store: JobStore, submit_timeout: float, write_timeout: float
+    ) -> None:
         self._broker = broker
         self._store = store
-        self._echo_timeout = echo_timeout
+        #: How long a submit waits for its echo once confirmed; then the job is recorded here.
+        self._submit_timeout = submit_timeout
+        #: How long other writes wait for their echo; then they fail (BrokerUnavailable).
+        self._write_timeout = write_timeout
         self._echoes: dict[str, asyncio.Future[None]] = {}
         self._queue: list[tuple[tuple[dict[str, Any], ...], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -97,7 +102,7 @@ class EventLog:
                 self.emit({"job": spec["id"], "event": "rejected"})
                 raise
             try:
-                async with asyncio.timeout(self._echo_timeout):
+                async with asyncio.timeout(self._submit_timeout):
                     await echo
             except TimeoutError:
                 # The broker confirmed it, so the job is accepted: record it here rather than
@@ -174,7 +179,7 @@ class EventLog:
         echo = self._expect(batch_id)
         try:
             await self._broker.append(orjson.dumps({"id": batch_id, "events": events}))
-            async with asyncio.timeout(self._echo_timeout):
+            async with asyncio.timeout(self._write_timeout):
                 await echo
         except BrokerUnavailable as exc:
             return exc

@@ -64,7 +64,12 @@ class Service:
         self.settings = settings
         self.store = JobStore(result_ttl=settings.jobs.result_ttl)
         self.broker = make_broker(settings.broker, settings.jobs.result_ttl)
-        self.log = EventLog(self.broker, self.store, echo_timeout=settings.broker.confirm_timeout)
+        self.log = EventLog(
+            self.broker,
+            self.store,
+            submit_timeout=settings.broker.confirm_timeout,
+            write_timeout=settings.broker.heartbeat,
+        )
         queues = app.queues
         self.runner = Runner(
             app.tasks,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,21 @@ class Report:
     statuses: collections.Counter[str] = field(default_factory=collections.Counter)
     #: The error messages of jobs that did not succeed, counted.
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Why submits were refused: "<status> <problem detail>", counted.
+    reasons: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: Refusals that broke the contract: no problem document, or a 429/503 without Retry-After.
+    bad_refusals: list[str] = field(default_factory=list)
     lost: list[str] = field(default_factory=list)
+    #: Executions per job, from the task log (`count_executions`).
+    executions: collections.Counter[str] = field(default_factory=collections.Counter)
     executed_twice: int = 0
+    #: Terminal events per job, from the event log (`count_outcomes`).
+    outcomes: collections.Counter[str] = field(default_factory=collections.Counter)
     outcomes_twice: list[str] = field(default_factory=list)
+    #: The most ready messages seen in the sampled queue (`sample_depth`), if sampled.
+    peak_depth: int | None = None
+    #: Seconds from each submit to its answer, whatever the answer.
+    latencies: list[float] = field(default_factory=list)
     #: The slowest answer to a submit sent after the fault and refused, in seconds.
     slowest_refusal: float = 0.0
     fault_at: float | None = None
@@ -74,11 +87,13 @@ async def run_load(
     total: int,
     concurrency: int,
     fault_at: int,
-    fault: Fault,
+    fault: Fault | None,
     body: Callable[[int], dict[str, Any]],
+    max_submits: int | None = None,
 ) -> None:
-    """Submit until `total` jobs are accepted (or 90 s pass), `concurrency` at a time, and
-    inject `fault` once `fault_at` submits were made. Rejected submits are counted, not retried."""
+    """Submit until `total` jobs are accepted (or `max_submits` submits were made, or 90 s
+    pass), `concurrency` at a time, and inject `fault` (if any) once `fault_at` submits were
+    made. Rejected submits are counted, with their reasons, not retried."""
     counter = itertools.count()
     fault_task: asyncio.Task[None] | None = None
     give_up = time.monotonic() + 90
@@ -90,7 +105,9 @@ async def run_load(
         nonlocal fault_task
         while len(report.accepted) < total and time.monotonic() < give_up:
             n = next(counter)
-            if n == fault_at:
+            if max_submits is not None and n >= max_submits:
+                return
+            if fault is not None and n == fault_at:
                 fault_task = asyncio.create_task(fault(mark))
             live = urls()
             url = live[n % len(live)]
@@ -99,6 +116,7 @@ async def run_load(
             try:
                 data = orjson.dumps(body(n))
                 async with http.post(url + "/v1/jobs", data=data, headers=JSON) as response:
+                    report.latencies.append(time.monotonic() - sent)
                     if response.status == 202:
                         report.accepted.append((await response.json())["id"])
                         faulted = report.fault_at
@@ -106,10 +124,12 @@ async def run_load(
                             first = report.first_accept_after_fault
                             report.first_accept_after_fault = min(first or sent, sent)
                         continue
+                    refusal = await response.read()
                     report.rejected[str(response.status)] += 1
                     if report.fault_at is not None and sent > report.fault_at:
                         took = time.monotonic() - sent
                         report.slowest_refusal = max(report.slowest_refusal, took)
+                    check_refusal(response.status, response.headers, refusal, report)
             except (TimeoutError, aiohttp.ClientError):
                 report.rejected["no connection"] += 1
             await asyncio.sleep(0.2)  # back off while the service is unavailable
@@ -117,6 +137,58 @@ async def run_load(
     await asyncio.gather(*(submitter(slot) for slot in range(concurrency)))
     if fault_task is not None:
         await fault_task
+
+
+def check_refusal(status: int, headers: Mapping[str, str], body: bytes, report: Report) -> None:
+    """Count the refusal's reason; note it in `bad_refusals` if it breaks the contract: every
+    refusal a problem document (RFC 9457), every 429 and 503 with a `Retry-After`."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        document = None
+    faults = []
+    media_type = headers.get("Content-Type", "").split(";")[0].strip()
+    if (
+        media_type != "application/problem+json"
+        or not isinstance(document, dict)
+        or document.get("status") != status
+        or not document.get("title")
+    ):
+        faults.append(f"not a problem document ({media_type}: {body[:100]!r})")
+    if status in (429, 503) and not headers.get("Retry-After", "").isdigit():
+        faults.append(f"Retry-After {headers.get('Retry-After')!r}")
+    detail = document.get("detail") if isinstance(document, dict) else None
+    report.reasons[f"{status} {detail}"] += 1
+    if faults:
+        report.bad_refusals.append(f"{status}: {'; '.join(faults)}")
+
+
+@contextlib.asynccontextmanager
+async def sample_depth(
+    amqp_url: str, queue: str, report: Report, every: float = 0.05
+) -> AsyncIterator[None]:
+    """While the block runs, sample the ready messages of `queue` (a passive declare's message
+    count) every `every` seconds; the most seen goes to `report.peak_depth`."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        report.peak_depth = 0
+
+        async def sample() -> None:
+            while True:
+                async with asyncio.timeout(10):
+                    declared = await channel.declare_queue(queue, passive=True)
+                count = declared.declaration_result.message_count or 0
+                report.peak_depth = max(report.peak_depth or 0, count)
+                await asyncio.sleep(every)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            yield
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler  # raises what stopped the sampler early, if anything did
 
 
 async def drain(
@@ -161,6 +233,7 @@ async def drain(
 def count_executions(task_log: Path, report: Report) -> None:
     lines = [line.split() for line in task_log.read_text().splitlines()]
     runs = collections.Counter(words[0] for words in lines if len(words) == 3)  # no note
+    report.executions = runs
     report.executed_twice = sum(1 for job_id in report.accepted if runs[job_id] > 1)
 
 
@@ -190,4 +263,5 @@ async def count_outcomes(amqp_url: str, prefix: str, report: Report) -> None:
                     await asyncio.wait_for(arrived.wait(), 2.0)
                 except TimeoutError:
                     break
+    report.outcomes = outcomes
     report.outcomes_twice = [job_id for job_id, n in outcomes.items() if n > 1]

@@ -133,12 +133,38 @@ class _Session:
         self.publisher: AbstractChannel | None = None
         self.exchanges: dict[str, AbstractExchange] = {}
         self.consumers: dict[str, tuple[RawChannel, str]] = {}
+        #: Why the session ended, when it was not the broker that closed it.
+        self.why: str | None = None
+        #: Submits answered 503 for want of a confirm, whose confirm has not come since.
+        self.overdue = 0
 
     def watch(self, channel: AbstractChannel) -> None:
         channel.close_callbacks.add(self._on_close)
 
     def _on_close(self, *_: Any) -> None:
         self.lost.set()
+
+    def end(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.why = why
+            self.lost.set()
+
+    def watch_confirm(self, confirming: asyncio.Future[Any], limit: float) -> None:
+        """End the session if the broker does not confirm within `limit` seconds.
+
+        A hung broker or a partition leaves the socket open and silent, and aiormq would notice
+        only after three missed heartbeats; a confirm overdue for one heartbeat is proof enough.
+        """
+        why = f"RabbitMQ did not confirm a publish within {limit:g} s; reconnecting"
+        timer = asyncio.get_running_loop().call_later(limit, self.end, why)
+        confirming.add_done_callback(lambda _: timer.cancel())
+
+    def count_overdue(self, confirming: asyncio.Future[Any]) -> None:
+        self.overdue += 1
+        confirming.add_done_callback(self._no_longer_overdue)
+
+    def _no_longer_overdue(self, _: asyncio.Future[Any]) -> None:
+        self.overdue -= 1
 
 
 class AmqpBroker(Broker):
@@ -215,13 +241,13 @@ class AmqpBroker(Broker):
     async def _run_session(self) -> None:
         connection = await aio_pika.connect(
             self._settings.url,
-            timeout=self._settings.confirm_timeout,
+            timeout=self._settings.heartbeat,
             heartbeat=self._settings.heartbeat,
             client_properties={"connection_name": f"aioqueue {self._settings.prefix}"},
         )
         session = self._session = _Session(connection)
         connection.close_callbacks.add(session._on_close)
-        async with asyncio.timeout(self._settings.confirm_timeout * 4):
+        async with asyncio.timeout(self._settings.heartbeat * 2):
             session.publisher = await self._channel(session, on_return_raises=True)
             await self._declare(session)
             await self._consume_log(session)
@@ -232,7 +258,7 @@ class AmqpBroker(Broker):
         self._connected.set()
         logger.info("connected to RabbitMQ at %s", connection.url.host)
         await session.lost.wait()
-        self._problem = "connection to RabbitMQ lost; reconnecting"
+        self._problem = session.why or "connection to RabbitMQ lost; reconnecting"
         logger.warning(self._problem)
 
     async def _end_session(self) -> None:
@@ -443,7 +469,15 @@ class AmqpBroker(Broker):
         ]
         if missing and self._consuming:
             return f"not consuming on queue {', '.join(sorted(missing))} yet"
+        if session is not None and session.overdue:
+            return self._overdue_problem()
         return None
+
+    def _overdue_problem(self) -> str:
+        return (
+            f"RabbitMQ has not confirmed a submit within {self._settings.confirm_timeout:g} s"
+            " (a hung broker or a partition?)"
+        )
 
     async def _publish(
         self,
@@ -452,31 +486,49 @@ class AmqpBroker(Broker):
         body: bytes,
         kind: LogKind = LogKind.JOB,
         headers: dict[str, Any] | None = None,
+        submit: bool = False,
     ) -> None:
+        """Publish and wait for the confirm: `confirm_timeout` for a submit, whose caller waits
+        for an answer (then 503), and up to a `heartbeat` for the process's own writes."""
         session = self._session
         # Publishing needs only the declared topology, not every consumer: redeliveries that
         # arrive while the later consumers attach must be able to record their outcomes.
         if session is None or not session.exchanges or session.lost.is_set():
             raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
+        if submit and session.overdue:
+            raise BrokerUnavailable(self._overdue_problem())  # at once, not after a timeout
         message = aio_pika.Message(
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             headers={KIND_HEADER: kind.value, **(headers or {})},
         )
+        heartbeat = self._settings.heartbeat
         with translate_errors("publish"):
-            async with asyncio.timeout(self._settings.confirm_timeout):
-                confirmation = await session.exchanges[exchange].publish(message, routing_key)
+            confirming = asyncio.ensure_future(
+                session.exchanges[exchange].publish(message, routing_key, timeout=heartbeat)
+            )
+            confirming.add_done_callback(_retrieve)
+            session.watch_confirm(confirming, heartbeat)
+            try:
+                # Shielded: a confirm that comes after the timeout still tells that the broker
+                # is back (see `overdue`), and the session's end stops waiting for it.
+                async with asyncio.timeout(self._settings.confirm_timeout if submit else None):
+                    confirmation = await asyncio.shield(confirming)
+            except TimeoutError:
+                if submit:
+                    session.count_overdue(confirming)
+                raise
         if not isinstance(confirmation, aiormq.spec.Basic.Ack):
             raise BrokerUnavailable(f"RabbitMQ refused the message ({type(confirmation).__name__})")
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         seconds = min(round(delay), DELAY_MAX)
         if seconds <= 0:
-            await self._publish("submit", f"{queue}{band_suffix(priority)}", body)
+            await self._publish("submit", f"{queue}{band_suffix(priority)}", body, submit=True)
         else:  # one publish to the log and the delay queues at once
             key = delay_routing_key(seconds, self.queue_name(queue, priority))
-            await self._publish("submit-delayed", key, body)
+            await self._publish("submit-delayed", key, body, submit=True)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         seconds = min(round(delay), DELAY_MAX)
@@ -493,6 +545,12 @@ class AmqpBroker(Broker):
         await self._publish(
             "default", self.names["dlq"], body, headers={"x-aioqueue-reason": reason}
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A confirm nobody waits for any more may fail (the session ended): not an unhandled error.
+    if not future.cancelled():
+        future.exception()
 
 
 def _quorum(extra: dict[str, Any] | None = None) -> dict[str, Any]:
