@@ -7,6 +7,9 @@ aioqueue must bound each wait itself. Latency must change the speed only, never 
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
+import signal
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -78,53 +81,74 @@ async def account(
     assert set(report.statuses) == {"succeeded"}, report.errors
 
 
-async def test_a_partition_mid_load_answers_503_within_a_second_and_loses_nothing(
-    rabbit: RabbitNode, prefix: str, tmp_path: Path, http: aiohttp.ClientSession
+@pytest.mark.parametrize("how", ["blackhole", "sigstop"])
+async def test_a_silent_broker_mid_load_means_503_within_a_second_and_nothing_lost(
+    rabbit: RabbitNode, prefix: str, tmp_path: Path, http: aiohttp.ClientSession, how: str
 ) -> None:
-    """Row 4: the link to RabbitMQ goes silent for 10 s (no RST, no FIN) at submit 700."""
+    """Row 4: RabbitMQ goes silent for 10 s at submit 700, the link open (no RST, no FIN): the
+    proxy blackholes it (a partition), or the node is SIGSTOPped (a hung broker)."""
     async with (
         FaultProxy(rabbit.port) as proxy,
-        # A confirm overdue for a heartbeat ends the connection: within this 10 s partition.
+        # A confirm overdue for a heartbeat ends the connection: within these 10 s.
         served_through(proxy, prefix, tmp_path, AIOQUEUE_BROKER__HEARTBEAT="4") as server,
     ):
-        await wait_ready(http, server.url)
-        watcher = await http.ws_connect(server.url + "/v1/ws")
-        during: dict[str, tuple[int, str]] = {}
+        silence: Callable[[], None] = proxy.blackhole
+        speak: Callable[[], None] = proxy.heal
+        if how == "sigstop":
+            silence = functools.partial(os.kill, rabbit.pid, signal.SIGSTOP)
+            speak = functools.partial(os.kill, rabbit.pid, signal.SIGCONT)
+        try:
+            await silent_broker_under_load(
+                http, server, silence, speak, how, rabbit, prefix, tmp_path
+            )
+        finally:
+            speak()  # whatever happened: the node and the link serve the next tests
 
-        async def fault(mark: Callable[[], None]) -> None:
-            proxy.blackhole()
-            mark()
-            await asyncio.sleep(2)
-            async with http.get(server.url + "/readyz") as ready:
-                during["2 s in"] = (ready.status, (await ready.json())["detail"])
-            await asyncio.sleep(6)
-            async with http.get(server.url + "/readyz") as ready:
-                during["8 s in"] = (ready.status, (await ready.json())["detail"])
-            await asyncio.sleep(2)
-            proxy.heal()
 
-        report = Report("partition: blackhole 10 s")
-        await run_load(http, lambda: [server.url], report, 2000, CONCURRENCY, 700, fault, job)
-        assert report.fault_at is not None
-        healed = report.fault_at + 10
-        await wait_ready(http, server.url, deadline=60)
-        ready_after = time.monotonic() - healed  # at most: the load ran on after the heal
-        await account(http, server.url, report, rabbit, prefix, tmp_path / "runs.log")
-        ran_unaccepted = len(set(report.executions) - set(report.accepted))
-        print(
-            f"slowest refusal {report.slowest_refusal:.2f} s; /readyz during: {during}; "
-            f"ready again {ready_after:.1f} s after the heal at most; "
-            f"jobs that ran without a 202 (refused, yet confirmed late): {ran_unaccepted}"
-        )
-        assert report.rejected, "the partition was not seen by any submit"
-        assert set(report.rejected) <= {"503"}, report.rejected
-        assert report.bad_refusals == [], report.bad_refusals[:5]
-        assert report.slowest_refusal < 1.5, "a submit waited past confirm_timeout"
-        for status, detail in during.values():
-            assert status == 503 and "RabbitMQ" in detail, during
-        await watcher.send_str('{"op": "ping"}')  # the websocket stayed open through it
-        assert (await watcher.receive(timeout=5)).json() == {"type": "pong"}
-        await watcher.close()
+async def silent_broker_under_load(
+    http: aiohttp.ClientSession,
+    server: ServeProcess,
+    silence: Callable[[], None],
+    speak: Callable[[], None],
+    how: str,
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+) -> None:
+    await wait_ready(http, server.url)
+    watcher = await http.ws_connect(server.url + "/v1/ws")
+    during: dict[str, tuple[int, str]] = {}
+
+    async def fault(mark: Callable[[], None]) -> None:
+        silence()
+        mark()
+        await asyncio.sleep(2)
+        async with http.get(server.url + "/readyz") as ready:
+            during["2 s in"] = (ready.status, (await ready.json())["detail"])
+        await asyncio.sleep(6)
+        async with http.get(server.url + "/readyz") as ready:
+            during["8 s in"] = (ready.status, (await ready.json())["detail"])
+        await asyncio.sleep(2)
+        speak()
+
+    report = Report(f"RabbitMQ silent 10 s ({how})")
+    await run_load(http, lambda: [server.url], report, 2000, CONCURRENCY, 700, fault, job)
+    await wait_ready(http, server.url, deadline=60)
+    await account(http, server.url, report, rabbit, prefix, tmp_path / "runs.log")
+    ran_unaccepted = len(set(report.executions) - set(report.accepted))
+    print(
+        f"slowest refusal {report.slowest_refusal:.2f} s; /readyz during: {during}; "
+        f"jobs that ran without a 202 (refused, yet confirmed late): {ran_unaccepted}"
+    )
+    assert report.rejected, "the partition was not seen by any submit"
+    assert set(report.rejected) <= {"503"}, report.rejected
+    assert report.bad_refusals == [], report.bad_refusals[:5]
+    assert report.slowest_refusal < 1.5, "a submit waited past confirm_timeout"
+    for status, detail in during.values():
+        assert status == 503 and "RabbitMQ" in detail, during
+    await watcher.send_str('{"op": "ping"}')  # the websocket stayed open through it
+    assert (await watcher.receive(timeout=5)).json() == {"type": "pong"}
+    await watcher.close()
 
 
 async def test_latency_slows_jobs_down_but_changes_no_outcome(
