@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from aioqueue import App, Context, SyncContext
@@ -106,6 +107,16 @@ async def chatter(ctx: Context, seconds: float, interval: float = 0.01) -> int:
         await ctx.progress(min(1.0, 1 - (end - loop.time()) / seconds), f"tick {sent} " + "x" * 200)
         await asyncio.sleep(interval)
     return sent
+
+
+@app.task(timeout=120.0)
+def block(ctx: SyncContext, seconds: float) -> float:
+    """Holds its delivery for `seconds` in a thread, which nothing can stop: outlives a short
+    consumer_timeout of the broker. Noted when it starts (an execution) and when it ends."""
+    _record(ctx)
+    time.sleep(seconds)
+    _record(ctx, "finished")
+    return seconds
 
 
 @app.task

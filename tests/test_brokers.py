@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from aioqueue.broker import amqp
 from aioqueue.broker.base import Broker, Delivery, LogKind
 from aioqueue.config import BrokerSettings
 from aioqueue.service import make_broker
+from tests.rabbitmq import RabbitNode
 
 
 class Recorder:
@@ -110,3 +112,35 @@ async def test_the_log_is_read_back_in_append_order(started: Any) -> None:
         b'{"id": "%d", "events": []}' % n for n in range(50)
     ]
     assert {kind for kind, _ in recorder.log} == {LogKind.EVENTS}
+
+
+@pytest.mark.amqp
+async def test_a_quiet_log_is_acked_so_consumer_timeout_never_fires(
+    rabbit: RabbitNode, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Log entries are acked many at a time, and also after a second of quiet: an entry left
+    unacked would let RabbitMQ's consumer_timeout close the channel of an idle deployment."""
+    idle = 5.0  # longer than a rabbitmqctl call takes, so that the unacked entry is seen
+    monkeypatch.setattr(amqp, "LOG_ACK_IDLE", idle)
+    recorder = Recorder()
+    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix), result_ttl=60)
+    async with asyncio.timeout(30):
+        await broker.start({"q"}, recorder.on_log, recorder.on_dead)
+    try:
+        await broker.append(b'{"id": "0", "events": []}')
+        async with asyncio.timeout(10):
+            await recorder.logged.wait()
+        assert await asyncio.to_thread(unacked, rabbit, prefix) > 0  # else the test proves nothing
+        await asyncio.sleep(idle)
+        assert await asyncio.to_thread(unacked, rabbit, prefix) == 0
+    finally:
+        await broker.close()
+
+
+def unacked(rabbit: RabbitNode, prefix: str) -> int:
+    """Messages unacked on the channels of the connection that aioqueue named for `prefix`."""
+    connections = rabbit.ctl("list_connections", "pid", "client_properties").splitlines()
+    ours = {row.split("\t")[0] for row in connections if f"aioqueue {prefix}" in row}
+    channels = rabbit.ctl("list_channels", "connection", "messages_unacknowledged").splitlines()
+    rows = [row.split("\t") for row in channels]
+    return sum(int(row[1]) for row in rows if len(row) == 2 and row[0] in ours)

@@ -98,8 +98,14 @@ class EventLog:
                     orjson.dumps(spec), spec["queue"], delay, spec.get("priority", 0)
                 )
             except QueueFull:
-                # The log took the job, its queue did not: take it back out of every store.
-                self.emit({"job": spec["id"], "event": "rejected"})
+                # The log took the job, its queue did not: take it back out of every store
+                # (waiting for that, so that a refused job leaves a record only if this fails).
+                try:
+                    await self.append({"job": spec["id"], "event": "rejected"})
+                except BrokerUnavailable as exc:
+                    logger.warning(
+                        "job %s refused, yet left queued in the log: %s", spec["id"], exc
+                    )
                 raise
             try:
                 async with asyncio.timeout(self._submit_timeout):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Coroutine, Iterator
 from typing import Any
 
 import aio_pika
@@ -51,6 +51,9 @@ DELAY_PREFIX = "aioqueue.delay"
 #: Unacked log messages in flight to this process; acked (multiple) every quarter of it.
 LOG_PREFETCH = 1000
 LOG_ACK_EVERY = LOG_PREFETCH // 4
+#: Seconds before a quiet log is acked anyway: consumer_timeout applies to a stream's consumer
+#: too, and would close its channel (every 30 min, in an idle deployment).
+LOG_ACK_IDLE = 1.0
 KIND_HEADER = "aq-kind"
 RECONNECT_DELAY_MAX = 5.0
 #: Quorum queues have no message priorities (RabbitMQ 3.10), so a queue is one quorum queue per
@@ -196,6 +199,12 @@ class AmqpBroker(Broker):
         # The log offset to read next: resuming there after a reconnect applies nothing twice.
         self._next_offset = 0
         self._log_unacked = 0
+        self._log_last: tuple[RawChannel, int] | None = None
+        self._log_ack_timer: asyncio.TimerHandle | None = None
+        #: Deliveries being handled. Their tasks are this broker's, not aiormq's: aiormq cancels
+        #: its callback tasks when their channel closes, and a job must not stop because the
+        #: channel it came on did (the broker redelivers it, and the runner waits for this copy).
+        self._handling: set[asyncio.Task[None]] = set()
         self._delay_entry: AbstractExchange | None = None
 
     def queue_name(self, queue: str, priority: int = 0) -> str:
@@ -220,6 +229,11 @@ class AmqpBroker(Broker):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        if self._log_ack_timer is not None:
+            self._log_ack_timer.cancel()
+        for task in self._handling:
+            task.cancel()
+        await asyncio.gather(*self._handling, return_exceptions=True)
         self._problem = "closed"
 
     async def _supervise(self) -> None:
@@ -381,7 +395,7 @@ class AmqpBroker(Broker):
         handler = self._handlers[queue]
 
         async def on_message(message: DeliveredMessage) -> None:
-            await handler(AmqpDelivery(channel, message))
+            self._spawn(handler(AmqpDelivery(channel, message)))
 
         ok = await channel.basic_consume(name, on_message)
         session.consumers[name] = (channel, str(ok.consumer_tag))
@@ -425,12 +439,31 @@ class AmqpBroker(Broker):
                 LogKind.EVENTS if headers.get(KIND_HEADER) == LogKind.EVENTS.value else LogKind.JOB
             )
             self._on_log(kind, message.body)
+        # Acks on a stream only return credit; one for many is enough.
         self._log_unacked += 1
+        self._log_last = (channel, int(_deliver(message).delivery_tag or 0))
         if self._log_unacked >= LOG_ACK_EVERY:
-            # Acks on a stream only return credit; one for many is enough.
-            self._log_unacked = 0
-            with contextlib.suppress(Exception):
-                await channel.basic_ack(int(_deliver(message).delivery_tag or 0), multiple=True)
+            await self._ack_log()
+        elif self._log_ack_timer is None:
+            loop = asyncio.get_running_loop()
+            self._log_ack_timer = loop.call_later(LOG_ACK_IDLE, self._spawn_log_ack)
+
+    def _spawn_log_ack(self) -> None:
+        self._log_ack_timer = None
+        self._spawn(self._ack_log())
+
+    async def _ack_log(self) -> None:
+        if self._log_last is None or not self._log_unacked:
+            return
+        channel, tag = self._log_last
+        self._log_unacked = 0
+        with contextlib.suppress(Exception):
+            await channel.basic_ack(tag, multiple=True)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._handling.add(task)
+        task.add_done_callback(self._handling.discard)
 
     async def _consume_dead_letters(self, session: _Session) -> None:
         name = self.names["dead"]
