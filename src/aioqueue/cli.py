@@ -232,7 +232,9 @@ async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
             if args.command == "submit":
                 return await _submit(api, args)
             if args.command == "jobs":
-                page = await api.list_jobs(status=args.status, task=args.task, limit=args.limit)
+                page = await api.list_jobs(
+                    status=_statuses(args.status), task=args.task, limit=args.limit
+                )
                 print(client.jobs_table(page["jobs"]))
                 return EXIT_OK
             calls = {"job": api.get_job, "cancel": api.cancel, "retry": api.retry}
@@ -268,3 +270,8 @@ async def _submit(api: client.Client, args: argparse.Namespace) -> int:
         ).decode()
     )
     return EXIT_OK if job["status"] == "succeeded" else EXIT_FAILED
+
+
+def _statuses(text: str | None) -> str | None:
+    """`--status "failed, dead"` as the API takes it: names, comma-separated, no spaces."""
+    return None if text is None else ",".join(name.strip() for name in text.split(","))

@@ -86,7 +86,8 @@ class Service:
         self._replayed = False
         self._stopping = False
         self._submitting: dict[str, asyncio.Future[None]] = {}
-        self._max_timeout = (
+        #: The longest `timeout` a job may have (what a broker's consumer_timeout allows).
+        self.max_timeout = (
             settings.broker.consumer_timeout if self.broker.durable else submission.MAX_TIMEOUT
         )
         self._expiry: asyncio.Task[None] | None = None
@@ -164,7 +165,7 @@ class Service:
         """
         now = time.time()
         spec = build_spec(
-            body, self.app.tasks, self.settings.jobs, now, idempotency_key, self._max_timeout
+            body, self.app.tasks, self.settings.jobs, now, idempotency_key, self.max_timeout
         )
         self.check_replayed()
         if self._stopping:

@@ -9,6 +9,9 @@ Supported annotations: `int`, `float`, `bool`, `str`, `list`, `dict`, `list[X]`,
 `dict[str, X]`, `X | Y` (so `X | None`, `Optional[X]`), `Literal[...]` of str, int, bool or None,
 `Any`, `object`, or none at all. The first parameter receives the task context when it is named
 `ctx` or annotated with `Context` or `SyncContext`; it is no user argument.
+
+Each checker comes with the JSON Schema of what it accepts (`Signature.args_schema()`, shown in
+`/openapi.json`), built from the same annotation so that the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,17 +64,32 @@ class _Type:
     expected: str  # "an integer", "a string or null": the start of the message of a mismatch
     accepts: Callable[[Any], bool]  # is the value of the right JSON kind?
     inner: Check | None = None  # checks the items of an array or object that is of that kind
+    #: The JSON Schema of what the check accepts ({} is anything). JSON Schema's "integer" also
+    #: takes 2.0, which `int` refuses: a JSON number written with a fraction is a float here.
+    schema: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _scalar(display: str, expected: str, json_type: str, accepts: Callable[[Any], bool]) -> _Type:
+    schema: dict[str, Any] = {"type": json_type}
+    if json_type == "integer":
+        # orjson reads an integer outside these bounds as a float, which `int` then refuses.
+        schema.update(minimum=-(2**63), maximum=2**64 - 1)
+    return _Type(display, expected, accepts, schema=schema)
 
 
 _ANY = _Type("any", "anything", lambda v: True)
 _SCALARS = {
-    int: _Type("int", "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    float: _Type("float", "a number", lambda v: isinstance(v, int | float) and type(v) is not bool),
-    bool: _Type("bool", "a boolean", lambda v: isinstance(v, bool)),
-    str: _Type("str", "a string", lambda v: isinstance(v, str)),
-    list: _Type("list", "an array", lambda v: isinstance(v, list)),
-    dict: _Type("dict", "an object", lambda v: isinstance(v, dict)),
-    type(None): _Type("None", "null", lambda v: v is None),
+    int: _scalar(
+        "int", "an integer", "integer", lambda v: isinstance(v, int) and not isinstance(v, bool)
+    ),
+    float: _scalar(
+        "float", "a number", "number", lambda v: isinstance(v, int | float) and type(v) is not bool
+    ),
+    bool: _scalar("bool", "a boolean", "boolean", lambda v: isinstance(v, bool)),
+    str: _scalar("str", "a string", "string", lambda v: isinstance(v, str)),
+    list: _scalar("list", "an array", "array", lambda v: isinstance(v, list)),
+    dict: _scalar("dict", "an object", "object", lambda v: isinstance(v, dict)),
+    type(None): _scalar("None", "null", "null", lambda v: v is None),
 }
 
 
@@ -101,7 +119,8 @@ def _list_of(item: _Type) -> _Type:
         for i, x in enumerate(value):
             check(x, f"{path}[{i}]", errors)
 
-    return _Type(f"list[{item.display}]", "an array", _SCALARS[list].accepts, inner)
+    schema = {"type": "array", "items": item.schema}
+    return _Type(f"list[{item.display}]", "an array", _SCALARS[list].accepts, inner, schema)
 
 
 def _dict_of(item: _Type) -> _Type:
@@ -111,7 +130,8 @@ def _dict_of(item: _Type) -> _Type:
         for key, x in value.items():
             check(x, f"{path}.{key}", errors)
 
-    return _Type(f"dict[str, {item.display}]", "an object", _SCALARS[dict].accepts, inner)
+    schema = {"type": "object", "additionalProperties": item.schema}
+    return _Type(f"dict[str, {item.display}]", "an object", _SCALARS[dict].accepts, inner, schema)
 
 
 def _union_of(members: list[_Type]) -> _Type:
@@ -138,7 +158,8 @@ def _union_of(members: list[_Type]) -> _Type:
                 first = first or found
         errors.extend(first or ())
 
-    return _Type(" | ".join(m.display for m in members), phrase, accepts, inner)
+    schema = {"anyOf": [m.schema for m in members]}
+    return _Type(" | ".join(m.display for m in members), phrase, accepts, inner, schema)
 
 
 def _literal_of(values: tuple[Any, ...]) -> _Type:
@@ -151,6 +172,7 @@ def _literal_of(values: tuple[Any, ...]) -> _Type:
         f"Literal[{', '.join(map(repr, values))}]",
         f"one of {shown}",
         lambda v: type(v) in kinds and (type(v), v) in allowed,
+        schema={"enum": list(values)},
     )
 
 
@@ -215,6 +237,7 @@ class Param:
         default=_P.POSITIONAL_OR_KEYWORD, repr=False, compare=False
     )
     check: Check = field(default=_accept, repr=False, compare=False)
+    schema: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,7 +263,7 @@ def _param(where: str, p: inspect.Parameter, ann: Any) -> Param:
     required = not prefix and p.default is _P.empty
     default = None if p.default is _P.empty else p.default
     shown = default if _jsonable(default) else repr(default)
-    return Param(prefix + p.name, t.display, required, shown, p.kind, _check(t))
+    return Param(prefix + p.name, t.display, required, shown, p.kind, _check(t), t.schema)
 
 
 def _hints(fn: Callable[..., Any], where: str) -> dict[str, Any]:
@@ -312,6 +335,45 @@ class Signature:
 
     def describe(self) -> list[dict[str, Any]]:
         return [p.to_dict() for p in self.params]
+
+    def args_schema(self) -> dict[str, Any]:
+        """The JSON Schema (2020-12) of the `args` that `bind()` accepts: exactly the same set."""
+        forms: list[dict[str, Any]] = []
+        if not any(p.required and p.kind is _P.POSITIONAL_ONLY for p in self.params):
+            forms.append(self._object_schema())
+        if not any(p.required and p.kind is _P.KEYWORD_ONLY for p in self.params):
+            forms.append(self._array_schema())
+        if not any(p.required for p in self.params):
+            forms.append({"type": "null"})
+        return {"anyOf": forms} if forms else {"not": {}}
+
+    def _object_schema(self) -> dict[str, Any]:
+        # Names that may not be used as keys (positional-only parameters, the context) are
+        # `false`, so that even a `**kwargs` does not take them.
+        properties: dict[str, Any] = {}
+        for p in self.params:
+            if p.kind is _P.POSITIONAL_ONLY:
+                properties[p.name] = False
+            elif p.kind is not _P.VAR_POSITIONAL and p.kind is not _P.VAR_KEYWORD:
+                properties[p.name] = dict(p.schema)
+        if self.context is not None:
+            properties[self.context] = False
+        return {
+            "type": "object",
+            "properties": properties,
+            "required": [p.name for p in self.params if p.required],
+            "additionalProperties": dict(self._kwargs.schema) if self._kwargs else False,
+        }
+
+    def _array_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": "array",
+            "items": dict(self._star.schema) if self._star else False,
+            "minItems": sum(p.required for p in self._positional),
+        }
+        if self._positional:  # an empty `prefixItems` is not valid JSON Schema
+            schema["prefixItems"] = [dict(p.schema) for p in self._positional]
+        return schema
 
     def bind(self, args: object) -> tuple[list[Any], dict[str, Any]]:
         """`(positional, keyword)` to call the function with (after the context, if any)."""

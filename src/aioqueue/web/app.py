@@ -12,6 +12,7 @@ from aiohttp import WSCloseCode, web
 
 from aioqueue.config import Settings
 from aioqueue.web import handlers
+from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE, State
 from aioqueue.web.ws import websocket
@@ -43,6 +44,7 @@ def install(web_app: web.Application, app: App, settings: Settings) -> None:
     web_app.router.add_get("/v1/ws", websocket)
     web_app.router.add_get("/healthz", handlers.healthz)
     web_app.router.add_get("/readyz", handlers.readyz)
+    web_app.router.add_get("/openapi.json", openapi_json)
     web_app.cleanup_ctx.append(_lifecycle)
     web_app.on_shutdown.append(_close_websockets)
 

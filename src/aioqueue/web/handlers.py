@@ -76,8 +76,21 @@ async def submit_job(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     service = state.ready_service()
     body = await read_json(request)
-    job, created = await service.submit_once(body, request.headers.get("Idempotency-Key"))
+    job, created = await service.submit_once(body, _idempotency_header(request))
     return json_response(job.to_dict(), status=202 if created else 200)
+
+
+def _idempotency_header(request: web.Request) -> str | None:
+    """The Idempotency-Key header, if it is text. aiohttp keeps bytes that are not UTF-8 as lone
+    surrogates, which no JSON encoder takes: the key, stored with the job, was a 500."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            error = FieldError("Idempotency-Key", "expected UTF-8 text")
+            raise InvalidRequest("invalid Idempotency-Key header", [error]) from None
+    return key
 
 
 @problems
@@ -127,19 +140,30 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     _check_query(query, {"status", "task", "limit", "cursor"})
     errors: list[FieldError] = []
     statuses: set[JobStatus] = set()
-    for name in filter(None, query.get("status", "").split(",")):
+    # Exactly the names, comma-separated: an empty or padded one is a 400, not ignored.
+    for name in query["status"].split(",") if "status" in query else ():
         try:
-            statuses.add(JobStatus(name.strip()))
+            statuses.add(JobStatus(name))
         except ValueError:
             errors.append(FieldError("status", f"unknown status {name[:40]!r}"))
-    limit_text = query.get("limit", "50")
-    limit = int(limit_text) if limit_text.isdigit() else 0
+    limit = _limit(query.get("limit", "50"))
     if not 1 <= limit <= MAX_LIMIT:
         errors.append(FieldError("limit", f"expected an integer from 1 to {MAX_LIMIT}"))
     if errors:
         raise InvalidRequest("invalid query parameters", errors)
     jobs, cursor = service.store.list(statuses, query.get("task"), limit, query.get("cursor"))
     return json_response({"jobs": [job.to_dict() for job in jobs], "next": cursor})
+
+
+def _limit(text: str) -> int:
+    """The `limit` query parameter, or 0 if it is not a whole number written in ASCII digits.
+
+    `str.isdigit()` alone also takes a superscript 2, which `int()` refuses (that was a 500),
+    and Arabic-Indic digits, which it reads; and `int()` refuses more than 4300 digits.
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return 0
+    return int(text)
 
 
 @problems

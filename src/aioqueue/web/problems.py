@@ -64,7 +64,9 @@ def render(exc: Exception) -> web.Response:
             405: "this endpoint does not take that method",
             413: "the body is larger than this endpoint accepts",
         }.get(exc.status, exc.text or exc.reason)
-        return problem(exc.status, exc.reason, detail)
+        # A 405 must say which methods the resource takes (RFC 9110 §15.5.6).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, exc.reason, detail, headers=allow)
     logger.exception("unexpected error in a handler", exc_info=exc)
     return problem(500, "Internal server error", "an unexpected error; the server log has it")
 

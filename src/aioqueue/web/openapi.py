@@ -1,0 +1,470 @@
+"""`GET /openapi.json`: the OpenAPI 3.1 description of the HTTP API that `install()` serves.
+
+Plain Python data, built per request from the served app: the submit body lists the app's own
+tasks, each with the JSON Schema of its `args` (from the task's signature, the same source as
+the submit-time check) and the app's queues, so that a client, or a fuzzer such as schemathesis,
+can tell a valid submit from an invalid one. The description says what the server does, no more:
+every status code listed is one the handler can answer, and `tests/test_openapi.py` checks that
+every route on the router is described. The websocket (`GET /v1/ws`) is no request/response
+operation OpenAPI can describe; `info.description` points to its protocol instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+
+from aioqueue import submission
+from aioqueue.jobs import JobStatus
+from aioqueue.web.handlers import MAX_LIMIT, MAX_WAIT
+from aioqueue.web.problems import problems
+from aioqueue.web.state import STATE
+
+if TYPE_CHECKING:
+    from aioqueue.tasks import Task
+
+OPENAPI_VERSION = "3.1.0"
+#: Routes on the router that are deliberately not operations here (see the module's doc).
+UNDESCRIBED = frozenset({("GET", "/v1/ws")})
+
+JSON = "application/json"
+PROBLEM = "application/problem+json"
+SCHEMAS = "#/components/schemas/"
+#: The lowest and the highest priority a submit takes (`tasks.PRIORITIES`); higher runs first.
+PRIORITIES = (0, 9)
+
+DESCRIPTION = """\
+From an HTTP request to a background job to a live result. Errors are RFC 9457 problem \
+documents (`application/problem+json`); validation errors name each bad field in `errors`. \
+An integer is written without a fraction: `2.0` is a float, which no integer field takes.
+
+The websocket `GET /v1/ws` (not described here: OpenAPI has no way to) takes text frames of \
+one JSON object each: `{"op": "subscribe", "channel": "job:ID"}`, `unsubscribe`, \
+`{"op": "submit", "job": <the body of POST /v1/jobs>}` and `ping`; it pushes \
+`{"type": "job", "channel", "event", "job": <job record>}` frames. See the README."""
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": SCHEMAS + name}
+
+
+def _nullable(schema: dict[str, Any], description: str | None = None) -> dict[str, Any]:
+    """`schema` or null: every optional submit field takes null for "not given"."""
+    nullable: dict[str, Any] = {"anyOf": [schema, {"type": "null"}]}
+    if description:
+        nullable["description"] = description
+    return nullable
+
+
+def _content(schema: dict[str, Any], media: str = JSON) -> dict[str, Any]:
+    return {media: {"schema": schema}}
+
+
+def _ok(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": _content(schema)}
+
+
+def _job_links(response: dict[str, Any]) -> dict[str, Any]:
+    """`response` (a job record) with links to what can be done with the job next."""
+    by_id = {"id": "$response.body#/id"}
+    response["links"] = {
+        name: {"operationId": operation, "parameters": by_id}
+        for name, operation in (
+            ("GetJob", "getJob"),
+            ("CancelJob", "cancelJob"),
+            ("RetryJob", "retryJob"),
+        )
+    }
+    return response
+
+
+def _problem(description: str, retry_after: bool = False) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": _content(_ref("Problem"), PROBLEM),
+    }
+    if retry_after:
+        response["headers"] = {
+            "Retry-After": {
+                "description": "seconds to wait before trying again",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^[0-9]+$"},
+            }
+        }
+    return response
+
+
+def _bad_request() -> dict[str, Any]:
+    response = _problem(
+        "bad JSON, a bad field or query parameter: a problem document whose `errors` names "
+        "each; or a request that is not well-formed HTTP (a request line or a header over 8190 "
+        "bytes, raw non-ASCII bytes in the URL), which the HTTP server refuses in text/plain "
+        "before the API sees it"
+    )
+    response["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return response
+
+
+# The error answers, by status; each operation lists the ones its handler can give. Every one
+# can give a 400: aiohttp's HTTP parser answers a malformed request itself.
+ERRORS: dict[str, dict[str, Any]] = {
+    "400": _bad_request(),
+    "404": _problem("no such job (or, on submit, no such task)"),
+    "408": _problem("the body did not arrive within `http.body_timeout`"),
+    "409": _problem("the job is in the wrong state, or an idempotency key was reused"),
+    "413": _problem("the body is larger than `http.max_body_bytes`"),
+    "415": _problem("the body is not declared as JSON"),
+    "429": _problem("the queue is full (`broker.max_queue_length`); not accepted", True),
+    "503": _problem("the broker is unavailable, or the service is starting or stopping", True),
+}
+
+
+def _errors(*statuses: int) -> dict[str, dict[str, Any]]:
+    return {str(status): ERRORS[str(status)] for status in statuses}
+
+
+def _submit_fields(queues: list[str], max_timeout: float) -> dict[str, Any]:
+    """The optional submit fields (all but `task` and `args`), as `build_spec` checks them."""
+    delay = {"type": "number", "minimum": 0, "maximum": submission.MAX_DELAY}
+    run_at = {"type": "string", "format": "date-time"}
+    key = {"type": "string", "minLength": 1, "maxLength": submission.MAX_KEY_LENGTH}
+    fields: dict[str, Any] = {
+        "queue": _nullable({"enum": queues}, "default: the task's queue"),
+        "priority": _nullable(
+            {"type": "integer", "minimum": PRIORITIES[0], "maximum": PRIORITIES[1]},
+            "higher runs first; default: the task's",
+        ),
+        "delay": _nullable(delay, "seconds from now; excludes run_at"),
+        "run_at": _nullable(
+            run_at,
+            "RFC 3339 with a zone; a time past means now; at most "
+            f"{submission.MAX_DELAY:.0f} s ahead (else 400); excludes delay",
+        ),
+        "max_attempts": _nullable({"type": "integer", "minimum": 1, "maximum": 1000}),
+        "timeout": _nullable(
+            {"type": "number", "exclusiveMinimum": 0, "maximum": max_timeout},
+            "seconds one attempt may run",
+        ),
+        "idempotency_key": _nullable(
+            key, "as the Idempotency-Key header; if both are given they must be the same"
+        ),
+    }
+    for name in submission.NOT_BUILT:
+        # Refused with a 400 "not supported yet" unless absent or null (`ttl`): say exactly that.
+        # A field built later and not described here fails tests/test_openapi.py.
+        fields[name] = {"type": "null", "description": "not supported by this version yet"}
+    return fields
+
+
+def _submit_body(tasks: list[Task[Any, Any]], queues: list[str], max_timeout: float) -> Any:
+    """One branch per task: its name, the JSON Schema of its args, and the common fields."""
+    fields = _submit_fields(queues, max_timeout)
+    branches = []
+    for task in tasks:
+        args = task.signature.args_schema()
+        # A task with a required parameter needs `args`; null or no `args` means none.
+        needs_args = any(p.required for p in task.signature.params)
+        branches.append(
+            {
+                "type": "object",
+                "title": task.name,
+                "properties": {"task": {"const": task.name}, "args": args, **fields},
+                "required": ["task", "args"] if needs_args else ["task"],
+                "additionalProperties": False,
+                # `delay` and `run_at` exclude each other (null counts as not given).
+                "not": {
+                    "required": ["delay", "run_at"],
+                    "properties": {"delay": {"type": "number"}, "run_at": {"type": "string"}},
+                },
+            }
+        )
+    # An app with no tasks takes no submit at all.
+    return {"oneOf": branches} if branches else {"not": {}}
+
+
+def _schemas() -> dict[str, Any]:
+    """The response bodies: the job record, its list, the tasks, the problem document."""
+    time = {"type": "string", "format": "date-time"}
+    maybe_time = {"type": ["string", "null"], "format": "date-time"}
+    return {
+        "Problem": {
+            "type": "object",
+            "required": ["type", "title", "status", "detail"],
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer", "minimum": 400, "maximum": 599},
+                "detail": {"type": "string"},
+                "errors": {"type": "array", "items": _ref("FieldError")},
+            },
+        },
+        "FieldError": {
+            "type": "object",
+            "required": ["field", "message"],
+            "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "JobStatus": {"enum": [status.value for status in JobStatus]},
+        "Job": {
+            "type": "object",
+            "required": [
+                "id",
+                "task",
+                "queue",
+                "status",
+                "args",
+                "attempt",
+                "max_attempts",
+                "progress",
+                "result",
+                "error",
+                "created_at",
+                "scheduled_for",
+                "started_at",
+                "finished_at",
+            ],
+            "properties": {
+                "id": {"type": "string"},
+                "task": {"type": "string"},
+                "queue": {"type": "string"},
+                "status": _ref("JobStatus"),
+                "args": {"type": ["object", "array", "null"]},
+                "attempt": {"type": "integer", "minimum": 1},
+                "max_attempts": {"type": "integer", "minimum": 1},
+                "progress": {
+                    "type": ["object", "null"],
+                    "required": ["value", "message"],
+                    "properties": {
+                        "value": {"type": "number"},
+                        "message": {"type": ["string", "null"]},
+                    },
+                },
+                "result": {"description": "what the task returned (any JSON)"},
+                "error": {
+                    "type": ["object", "null"],
+                    "required": ["type", "message"],
+                    "properties": {
+                        "type": {"type": "string"},
+                        "message": {"type": "string"},
+                        "traceback": {"type": "string"},
+                    },
+                },
+                "created_at": time,
+                "scheduled_for": maybe_time,
+                "started_at": maybe_time,
+                "finished_at": maybe_time,
+            },
+        },
+        "JobList": {
+            "type": "object",
+            "required": ["jobs", "next"],
+            "properties": {
+                "jobs": {"type": "array", "items": _ref("Job")},
+                "next": {
+                    "type": ["string", "null"],
+                    "description": "the cursor of the next page; null on the last",
+                },
+            },
+        },
+        "TaskList": {
+            "type": "object",
+            "required": ["tasks"],
+            "properties": {"tasks": {"type": "array", "items": _ref("Task")}},
+        },
+        "Task": {
+            "type": "object",
+            "required": ["name", "queue", "params", "max_attempts", "timeout"],
+            "properties": {
+                "name": {"type": "string"},
+                "queue": {"type": "string"},
+                "params": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "type", "required", "default"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "type": {"type": "string"},
+                            "required": {"type": "boolean"},
+                            "default": {},
+                        },
+                    },
+                },
+                "max_attempts": {"type": "integer"},
+                "timeout": {"type": "number"},
+            },
+        },
+        "Status": {
+            "type": "object",
+            "required": ["status"],
+            "properties": {"status": {"type": "string"}},
+        },
+    }
+
+
+JOB_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    # Ids this server makes are URL-safe base64; any other is simply unknown (404).
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]+$"},
+}
+
+
+def _paths(submit_body: Any) -> dict[str, Any]:
+    job = _ref("Job")
+    return {
+        "/v1/jobs": {
+            "post": {
+                "operationId": "submitJob",
+                "summary": "Submit a job",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "the same as the body's idempotency_key: a repeat "
+                        "within `jobs.result_ttl` returns the first job with 200",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": submission.MAX_KEY_LENGTH,
+                        },
+                    }
+                ],
+                "requestBody": {"required": True, "content": _content(submit_body)},
+                "responses": {
+                    "202": _job_links(_ok("accepted: the broker confirmed the job", job)),
+                    "200": _job_links(_ok("a repeated idempotency key: the first job", job)),
+                    **_errors(400, 404, 408, 409, 413, 415, 429, 503),
+                },
+            },
+            "get": {
+                "operationId": "listJobs",
+                "summary": "Recent jobs, newest first",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "style": "form",
+                        "explode": False,
+                        "description": "one or several statuses, comma-separated",
+                        "schema": {"type": "array", "items": _ref("JobStatus"), "minItems": 1},
+                    },
+                    {"name": "task", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIMIT,
+                            "default": 50,
+                        },
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "description": "opaque: the `next` of the previous page",
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                ],
+                "responses": {"200": _ok("a page of jobs", _ref("JobList")), **_errors(400, 503)},
+            },
+        },
+        "/v1/jobs/{id}": {
+            "parameters": [JOB_ID],
+            "get": {
+                "operationId": "getJob",
+                "summary": "One job; with `wait`, long-poll until it is terminal",
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "description": f"seconds to wait for a terminal status; above "
+                        f"{MAX_WAIT:g} counts as {MAX_WAIT:g}",
+                        "schema": {"type": "number", "minimum": 0},
+                    }
+                ],
+                "responses": {"200": _ok("the job record", job), **_errors(400, 404, 503)},
+            },
+            "delete": {
+                "operationId": "cancelJob",
+                "summary": "Cancel a queued, scheduled, retrying or running job",
+                "responses": {"202": _ok("cancelling", job), **_errors(400, 404, 409, 503)},
+            },
+        },
+        "/v1/jobs/{id}/retry": {
+            "parameters": [JOB_ID],
+            "post": {
+                "operationId": "retryJob",
+                "summary": "Run a failed, dead or cancelled job again (same id, attempt 1)",
+                "responses": {"202": _ok("queued again", job), **_errors(400, 404, 409, 503)},
+            },
+        },
+        "/v1/tasks": {
+            "get": {
+                "operationId": "listTasks",
+                "summary": "The registered tasks",
+                "responses": {"200": _ok("the tasks", _ref("TaskList")), **_errors(400)},
+            }
+        },
+        "/healthz": {
+            "get": {
+                "operationId": "healthz",
+                "summary": "The process is alive",
+                "responses": {"200": _ok("alive", _ref("Status")), **_errors(400)},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "operationId": "readyz",
+                "summary": "Broker connected, topology declared, consumers running",
+                "responses": {
+                    "200": _ok("ready", _ref("Status")),
+                    **_errors(400),
+                    "503": _problem("not ready; `detail` says why", retry_after=True),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "summary": "This description",
+                "responses": {"200": _ok("OpenAPI 3.1", {"type": "object"}), **_errors(400)},
+            }
+        },
+    }
+
+
+def document(request: web.Request) -> dict[str, Any]:
+    """The OpenAPI description of the app that serves `request`."""
+    state = request.app[STATE]
+    tasks = sorted(state.app.tasks.values(), key=lambda task: task.name)
+    queues = sorted({task.queue for task in tasks})
+    # The longest timeout a submit may ask for depends on the broker: the service's own bound
+    # (private to it: Service.__init__ decides it), which it passes to `build_spec`.
+    service = state.service
+    max_timeout = submission.MAX_TIMEOUT if service is None else service.max_timeout
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": "aioqueue", "version": _version(), "description": DESCRIPTION},
+        "paths": _paths(_submit_body(tasks, queues, max_timeout)),
+        "components": {"schemas": _schemas()},
+    }
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return version("aioqueue")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "0"
+
+
+@problems
+async def openapi_json(request: web.Request) -> web.StreamResponse:
+    return web.Response(body=orjson.dumps(document(request)), content_type=JSON)
