@@ -203,7 +203,7 @@ async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
         pytest.param({"task": "nope"}, NotFound, id="unknown-task"),
         pytest.param({"task": "add", "args": [1], "queue": "q2"}, InvalidRequest, id="bad-queue"),
         pytest.param({"task": "add", "args": [1], "extra": 1}, InvalidRequest, id="unknown-field"),
-        pytest.param({"task": "add", "args": [1], "ttl": 60}, InvalidRequest, id="not-built"),
+        pytest.param({"task": "add", "args": [1], "ttl": 0}, InvalidRequest, id="ttl-zero"),
         pytest.param(
             {"task": "add", "args": [1], "priority": 10}, InvalidRequest, id="priority-10"
         ),
@@ -450,3 +450,70 @@ async def test_higher_priorities_start_before_a_backlog_of_lower_ones(make_servi
     assert max(highs) < started.index("low9"), started
     lows = [label for label in started if label.startswith("low")]
     assert lows == [f"low{n}" for n in range(20)]  # one band keeps its order
+
+
+async def test_a_task_that_always_raises_retries_on_schedule_then_fails_once(
+    make_service: Any,
+) -> None:
+    """RELIABILITY row 11: exactly max_attempts attempts, each retry within ±1 s of the time
+    its `retrying` event gave, then `failed`, recorded once."""
+    app = make_app([])
+    starts: list[tuple[int, float]] = []
+
+    @app.task(max_attempts=4, retry_backoff=1.0, retry_backoff_max=2.0)
+    async def always_raises(ctx: Context) -> None:
+        starts.append((ctx.attempt, time.time()))
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    service = await make_service(app)
+    due: list[float] = []
+    outcomes: list[str] = []
+
+    def on_change(event: str, job: Job) -> None:
+        if job.task == "always_raises" and event == "retrying":
+            assert job.scheduled_for is not None
+            due.append(job.scheduled_for)
+        elif job.task == "always_raises" and event in TERMINAL:
+            outcomes.append(event)
+
+    service.store.listeners.append(on_change)
+    job = await service.submit({"task": "always_raises"})
+    done = await until_terminal(service, job.id, deadline=30)
+    assert done.status.value == "failed" and done.attempt == 4
+    assert [attempt for attempt, _ in starts] == [1, 2, 3, 4]
+    assert len(due) == 3
+    for (_, started), scheduled in zip(starts[1:], due, strict=True):
+        assert abs(started - scheduled) <= 1.0, (started, scheduled)
+    await service.log.barrier()  # every event written so far is applied
+    assert outcomes == ["failed"]
+
+
+async def test_a_job_not_started_within_its_ttl_is_dead_and_never_runs(make_service: Any) -> None:
+    app = make_app([])
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    @app.task(queue="slow")
+    async def blocker() -> None:
+        await release.wait()
+
+    @app.task(queue="slow")
+    async def note(label: str) -> None:
+        ran.append(label)
+
+    service = await make_service(app, broker={"prefetch": 1})
+    first = await service.submit({"task": "blocker"})
+    await service.store.wait_for(first.id, lambda j: j.status.value == "running", 10)
+    stale = await service.submit({"task": "note", "args": ["stale"], "ttl": 0.5})
+    fresh = await service.submit({"task": "note", "args": ["fresh"], "ttl": 600})
+    await asyncio.sleep(1.0)  # the stale job's ttl runs out while it waits behind the blocker
+    release.set()
+    dead = await until_terminal(service, stale.id)
+    assert dead.status.value == "dead" and dead.error is not None
+    assert dead.error["type"] == "Expired"
+    assert (await until_terminal(service, fresh.id)).status.value == "succeeded"
+    assert ran == ["fresh"]
+    assert stale.id in await dead_letter_ids(service)
+    retried = await service.retry(stale.id)  # a retry is a new run, with no ttl
+    assert retried.expires_at is None
+    assert (await until_terminal(service, stale.id)).status.value == "succeeded"

@@ -103,7 +103,7 @@ async def test_wait_returns_after_its_time_when_the_job_is_not_done(client: Clie
         pytest.param(b'{"task": "add", "args": {"a": 1, "z": 1}}', JSON, 400, "args.z", id="unknown-arg"),
         pytest.param(b'{"task": "add", "args": [1], "max_attempts": 0}', JSON, 400, "max_attempts", id="attempts"),
         pytest.param(b'{"task": "add", "args": [1], "run_at": "2030-01-01T00:00:00"}', JSON, 400, "run_at", id="run-at-no-zone"),
-        pytest.param(b'{"task": "add", "args": [1], "ttl": 60}', JSON, 400, "ttl", id="not-built"),
+        pytest.param(b'{"task": "add", "args": [1], "ttl": "1h"}', JSON, 400, "ttl", id="ttl-string"),
         pytest.param(b'{"a": "\xff"}', JSON, 400, "body", id="invalid-utf8"),
         pytest.param(b'{"a": "\\ud800"}', JSON, 400, "body", id="lone-surrogate"),
         pytest.param(b"[" * 100_000 + b"]" * 100_000, JSON, 413, None, id="deep-and-too-large"),

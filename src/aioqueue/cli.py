@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--max-attempts", type=int)
     submit.add_argument("--priority", type=int, help="0 (the default) to 9 (runs first)")
+    submit.add_argument("--ttl", type=float, help="seconds it may wait to start, then dead")
     submit.add_argument("--timeout", type=float, help="seconds the task may run")
     submit.add_argument(
         "--wait", action="store_true", help="follow the job to its end and print its result"
@@ -259,6 +260,8 @@ async def _submit(api: client.Client, args: argparse.Namespace) -> int:
         body["timeout"] = args.timeout
     if args.priority is not None:
         body["priority"] = args.priority
+    if args.ttl is not None:
+        body["ttl"] = args.ttl
     if not args.wait:
         job = await api.submit(body)
         print(job["id"])

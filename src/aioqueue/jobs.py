@@ -99,6 +99,7 @@ class Job:
         "attempt",
         "created_at",
         "error",
+        "expires_at",
         "fingerprint",
         "finished_at",
         "id",
@@ -132,6 +133,7 @@ class Job:
         idempotency_key: str | None = None,
         fingerprint: str | None = None,
         priority: int = 0,
+        expires_at: float | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -149,6 +151,8 @@ class Job:
         self.fingerprint = fingerprint
         #: 0 to 9, highest first (see gate.py and the brokers).
         self.priority = priority
+        #: A job not started by then is `dead` (its `ttl`); None: no limit.
+        self.expires_at = expires_at
         #: When a delayed job is due; then its status is `scheduled` until it starts.
         self.scheduled_for = scheduled_for
         self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
@@ -175,6 +179,7 @@ class Job:
             idempotency_key=spec.get("idempotency_key"),
             fingerprint=spec.get("fingerprint"),
             priority=spec.get("priority", 0),
+            expires_at=spec.get("expires_at"),
         )
 
     def spec(self, attempt: int | None = None) -> dict[str, Any]:
@@ -193,11 +198,16 @@ class Job:
             "idempotency_key": self.idempotency_key,
             "fingerprint": self.fingerprint,
             "priority": self.priority,
+            "expires_at": self.expires_at,
         }
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def expired(self, now: float) -> bool:
+        """Never started, and past its `ttl`."""
+        return self.expires_at is not None and self.started_at is None and now > self.expires_at
 
     def to_dict(self) -> dict[str, Any]:
         """The public job record (CONTRACT §2)."""
@@ -255,7 +265,7 @@ def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
         job.run = event["run"]
         job.attempt = 1
         job.progress = job.result = job.error = None
-        job.started_at = job.finished_at = job.scheduled_for = None
+        job.started_at = job.finished_at = job.scheduled_for = job.expires_at = None
         return
     if job.status in WAITING and kind not in ANY_ATTEMPT:
         job.started_at = at  # an implied start, if `started` itself is missing

@@ -234,7 +234,11 @@ class Runner:
             await delivery.ack()
             return
         task = self._tasks.get(spec["task"])
-        if task is None:
+        if job is not None and job.expired(time.time()):
+            error = {"type": "Expired", "message": "its ttl ran out before it could start"}
+            await self._broker.dead_letter(delivery.body, "expired")
+            await self._log.append(event(job_id, "dead", attempt, error=error))
+        elif task is None:
             error = {"type": "UnknownTask", "message": f"no task {spec['task']!r} in this app"}
             await self._broker.dead_letter(delivery.body, "unknown task")
             await self._log.append(event(job_id, "dead", attempt, error=error))

@@ -230,7 +230,7 @@ class Service:
         run = job.run + 1
         # The message first: a `retried` event is only written once the job can run. The
         # runner waits for the event when it gets a message of a newer run.
-        spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None}
+        spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None, "expires_at": None}
         await self.broker.publish(orjson.dumps(spec), job.queue, priority=job.priority)
         await self.log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
         return job

@@ -33,8 +33,6 @@ FIELDS = frozenset(
         "idempotency_key",
     }
 )
-#: Fields of the contract whose feature is not built yet: refused rather than ignored.
-NOT_BUILT = frozenset({"ttl"})
 MAX_KEY_LENGTH = 255
 MAX_TIMEOUT = 30 * 86400.0
 #: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
@@ -69,16 +67,12 @@ def build_spec(
         raise NotFound(f"there is no task named {name[:200]!r}; GET /v1/tasks lists them")
 
     errors = [FieldError(key, "unknown field") for key in body if key not in FIELDS]
-    errors += [
-        FieldError(key, "not supported by this version of aioqueue yet")
-        for key in NOT_BUILT
-        if body.get(key) is not None
-    ]
     queue = _queue(body, task, {t.queue for t in tasks.values()}, errors)
     max_attempts = _max_attempts(body, task, defaults, errors)
     priority = _priority(body, task, errors)
     timeout = _timeout(body, task, defaults, errors, max_timeout)
     delay = _delay(body, now, errors)
+    ttl = _ttl(body, errors)
     key = _idempotency_key(body, idempotency_key, errors)
     args = body.get("args")
     try:
@@ -98,6 +92,8 @@ def build_spec(
         "attempt": 1,
         "scheduled_for": now + delay if delay > 0 else None,
         "priority": priority,
+        # Not started by then, the job is `dead` (counted from when it is due).
+        "expires_at": None if ttl is None else now + delay + ttl,
     }
     if key is not None:
         # What "the same body" means for a repeated key: the request, less the key itself.
@@ -178,6 +174,21 @@ def _delay(body: dict[str, Any], now: float, errors: list[FieldError]) -> float:
         errors.append(FieldError("delay", f"expected seconds, from 0 to {MAX_DELAY:.0f}"))
         return 0.0
     return float(delay)
+
+
+def _ttl(body: dict[str, Any], errors: list[FieldError]) -> float | None:
+    value = body.get("ttl")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 < value <= MAX_DELAY
+    ):
+        errors.append(FieldError("ttl", f"expected seconds, above 0 and at most {MAX_DELAY:.0f}"))
+        return None
+    return float(value)
 
 
 def _run_at(value: object, now: float, errors: list[FieldError]) -> float:

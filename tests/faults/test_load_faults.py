@@ -63,27 +63,37 @@ async def account(
     assert set(report.statuses) == {"succeeded"}, report.errors
 
 
-async def test_broker_sigkilled_and_restarted_mid_load(
+@pytest.mark.parametrize("how", ["sigkill", "stop_app"])
+async def test_broker_down_and_back_mid_load(
     rabbit: RabbitNode,
     prefix: str,
     tmp_path: Path,
     servers: list[ServeProcess],
     http: aiohttp.ClientSession,
+    how: str,
 ) -> None:
+    """Rows 2 and 1: the node is SIGKILLed and started again, or stopped gracefully
+    (`rabbitmqctl stop_app`, which closes every connection) and started again."""
     server = start(rabbit, prefix, tmp_path, servers)
     await wait_ready(http, server.url)
     watcher = await http.ws_connect(server.url + "/v1/ws")
     outage: dict[str, tuple[int, str]] = {}
 
     async def fault(mark: Callable[[], None]) -> None:
-        rabbit.kill()  # returns once the node is gone
+        if how == "sigkill":
+            rabbit.kill()  # returns once the node is gone
+        else:
+            await asyncio.to_thread(rabbit.ctl, "stop_app")
         mark()
         await asyncio.sleep(1)
         async with http.get(server.url + "/readyz") as ready:
             outage["readyz"] = (ready.status, (await ready.json())["detail"])
-        await asyncio.to_thread(rabbit.restart)
+        if how == "sigkill":
+            await asyncio.to_thread(rabbit.restart)
+        else:
+            await asyncio.to_thread(rabbit.ctl, "start_app")
 
-    report = Report("RabbitMQ SIGKILL, restart")
+    report = Report(f"RabbitMQ {'SIGKILL, restart' if how == 'sigkill' else 'stop_app, start_app'}")
     await run_load(http, lambda: [server.url], report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
     await wait_ready(http, server.url, deadline=60)
     await account(http, report, lambda: [server.url], rabbit, prefix, tmp_path)
