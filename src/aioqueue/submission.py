@@ -149,15 +149,20 @@ def _timeout(
     value = body.get("timeout")
     if value is None:
         return task.timeout or defaults.timeout
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= most
-    ):
+    if not _positive_seconds(value, most):
         errors.append(FieldError("timeout", f"expected seconds, above 0 and at most {most:g}"))
         return 1.0
     return float(value)
+
+
+def _positive_seconds(value: object, most: float) -> bool:
+    """A JSON number of seconds above 0 and at most `most` (not a boolean, not NaN)."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and 0 < value <= most
+    )
 
 
 def _delay(body: dict[str, Any], now: float, errors: list[FieldError]) -> float:
@@ -180,12 +185,7 @@ def _ttl(body: dict[str, Any], errors: list[FieldError]) -> float | None:
     value = body.get("ttl")
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or not 0 < value <= MAX_DELAY
-    ):
+    if not _positive_seconds(value, MAX_DELAY):
         errors.append(FieldError("ttl", f"expected seconds, above 0 and at most {MAX_DELAY:.0f}"))
         return None
     return float(value)

@@ -63,9 +63,7 @@ BAND_SUFFIXES = ("", ".p4", ".p7")
 
 
 def band_suffix(priority: int) -> str:
-    return (
-        BAND_SUFFIXES[0] if priority < 4 else BAND_SUFFIXES[1] if priority < 7 else BAND_SUFFIXES[2]
-    )
+    return BAND_SUFFIXES[(priority >= 4) + (priority >= 7)]
 
 
 @contextlib.contextmanager
@@ -327,8 +325,7 @@ class AmqpBroker(Broker):
         if self._settings.max_queue_length:  # fixed once declared (or use a policy)
             arguments["x-max-length"] = self._settings.max_queue_length
         for queue in self._queues:
-            for suffix in BAND_SUFFIXES:
-                name = f"{self.queue_name(queue)}{suffix}"
+            for suffix, name in zip(BAND_SUFFIXES, self.queue_names(queue), strict=True):
                 declared = await channel.declare_queue(name, durable=True, arguments=arguments)
                 await declared.bind(jobs, routing_key=f"{queue}{suffix}")
                 await declared.bind(deliver, routing_key=f"#.{name}")
@@ -539,14 +536,15 @@ class AmqpBroker(Broker):
         heartbeat = self._settings.heartbeat
         with translate_errors("publish"):
             confirming = asyncio.ensure_future(
-                session.exchanges[exchange].publish(message, routing_key, timeout=heartbeat)
+                session.exchanges[exchange].publish(message, routing_key)
             )
             confirming.add_done_callback(_retrieve)
             session.watch_confirm(confirming, heartbeat)
             try:
                 # Shielded: a confirm that comes after the timeout still tells that the broker
-                # is back (see `overdue`), and the session's end stops waiting for it.
-                async with asyncio.timeout(self._settings.confirm_timeout if submit else None):
+                # is back (see `overdue`); the session, ended at the latest by `watch_confirm`,
+                # takes the future with it.
+                async with asyncio.timeout(self._settings.confirm_timeout if submit else heartbeat):
                     confirmation = await asyncio.shield(confirming)
             except TimeoutError:
                 if submit:
