@@ -517,3 +517,36 @@ async def test_a_job_not_started_within_its_ttl_is_dead_and_never_runs(make_serv
     retried = await service.retry(stale.id)  # a retry is a new run, with no ttl
     assert retried.expires_at is None
     assert (await until_terminal(service, stale.id)).status.value == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "broker_url", [pytest.param("amqp", marks=pytest.mark.amqp)], indirect=True
+)
+async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_later(
+    make_service: Any,
+) -> None:
+    """On RabbitMQ a process holds more jobs than it runs (one consumer per priority band):
+    past the grace period, those that never started go back to the broker, unrun."""
+    app = make_app([])
+    ran: list[str] = []
+
+    @app.task(queue="one")
+    async def hold(label: str, seconds: float) -> None:
+        ran.append(label)
+        await asyncio.sleep(seconds)
+
+    first = await make_service(app, broker={"prefetch": 1})
+    long = await first.submit({"task": "hold", "args": ["long", 60]})
+    await first.store.wait_for(long.id, lambda j: j.status.value == "running", 10)
+    urgent = await first.submit({"task": "hold", "args": ["urgent", 0], "priority": 9})
+    await asyncio.sleep(0.5)  # delivered to the band consumer: it waits in the gate
+    waiting = first.store.get(urgent.id)
+    assert waiting is not None and waiting.status.value == "queued"
+    assert await first.shutdown(grace=0.2) == 1  # the long job, cancelled and given back
+    await first.close()
+    assert ran == ["long"]  # the urgent job never started here
+    second = await make_service(app, broker={"prefetch": 1})
+    await second.cancel(long.id)  # it would hold the one slot here for a minute again
+    assert (await until_terminal(second, long.id)).status.value == "cancelled"
+    assert (await until_terminal(second, urgent.id)).status.value == "succeeded"
+    assert ran.count("urgent") == 1
