@@ -226,6 +226,16 @@ async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
         pytest.param(
             {"task": "add", "args": [1], "run_at": "soon"}, InvalidRequest, id="run-at-not-a-time"
         ),
+        pytest.param(
+            {"task": "add", "args": [1], "run_at": "20301201T000000Z"},
+            InvalidRequest,
+            id="run-at-basic-iso-format",
+        ),
+        pytest.param(
+            {"task": "add", "args": [1], "run_at": "2030-W01-1T00:00:00Z"},
+            InvalidRequest,
+            id="run-at-week-date",
+        ),
         pytest.param({"task": "add", "args": [1], "timeout": -1}, InvalidRequest, id="timeout"),
         pytest.param([1, 2], InvalidRequest, id="not-an-object"),
     ],
@@ -550,3 +560,12 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
     assert (await until_terminal(second, long.id)).status.value == "cancelled"
     assert (await until_terminal(second, urgent.id)).status.value == "succeeded"
     assert ran.count("urgent") == 1
+
+
+@pytest.mark.parametrize(
+    "run_at", ["2000-01-01t00:00:00z", "2000-01-01T00:00:00.5+02:00", "2000-01-01 00:00:00Z"]
+)
+async def test_run_at_takes_every_rfc3339_form(make_service: Any, run_at: str) -> None:
+    service = await make_service(make_app([]))
+    job = await service.submit({"task": "add", "args": [1], "run_at": run_at})
+    assert (await until_terminal(service, job.id)).status.value == "succeeded"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 from collections.abc import Mapping
 from datetime import datetime
@@ -35,6 +36,10 @@ FIELDS = frozenset(
 )
 MAX_KEY_LENGTH = 255
 MAX_TIMEOUT = 30 * 86400.0
+#: A date-time of RFC 3339 (section 5.6), which must have a zone.
+RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
 #: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
 MAX_DELAY = float(2**28 - 1)
 
@@ -193,11 +198,11 @@ def _ttl(body: dict[str, Any], errors: list[FieldError]) -> float | None:
 
 def _run_at(value: object, now: float, errors: list[FieldError]) -> float:
     try:
-        if not isinstance(value, str):
+        # fromisoformat alone takes more than RFC 3339 (week dates, "20261201T000000Z", no zone)
+        # and less (a lower-case "t" or "z").
+        if not isinstance(value, str) or not RFC3339.fullmatch(value):
             raise ValueError
-        moment = datetime.fromisoformat(value)
-        if moment.tzinfo is None:
-            raise ValueError
+        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError:
         errors.append(
             FieldError("run_at", "expected an RFC 3339 time with a zone, like 2026-12-01T00:00:00Z")
