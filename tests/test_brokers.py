@@ -12,6 +12,7 @@ import pytest
 from aioqueue.broker import amqp
 from aioqueue.broker.base import Broker, Delivery, LogKind
 from aioqueue.config import BrokerSettings
+from aioqueue.errors import BrokerUnavailable
 from aioqueue.service import make_broker
 from tests.rabbitmq import RabbitNode
 
@@ -144,3 +145,19 @@ def unacked(rabbit: RabbitNode, prefix: str) -> int:
     channels = rabbit.ctl("list_channels", "connection", "messages_unacknowledged").splitlines()
     rows = [row.split("\t") for row in channels]
     return sum(int(row[1]) for row in rows if len(row) == 2 and row[0] in ours)
+
+
+@pytest.mark.amqp
+async def test_an_unroutable_publish_is_unavailable_not_a_full_queue(
+    rabbit: RabbitNode, prefix: str
+) -> None:
+    """RabbitMQ returns a message no queue is bound to take (mandatory): that is no 429."""
+    recorder = Recorder()
+    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix), result_ttl=60)
+    async with asyncio.timeout(30):
+        await broker.start({"q"}, recorder.on_log, recorder.on_dead)
+    try:
+        with pytest.raises(BrokerUnavailable, match="could not route"):  # QueueFull is not one
+            await broker.publish(b"{}", "no-such-queue")
+    finally:
+        await broker.close()

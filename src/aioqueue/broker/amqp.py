@@ -73,7 +73,9 @@ def translate_errors(action: str) -> Iterator[None]:
         yield
     except BrokerUnavailable:
         raise
-    except aio_pika.exceptions.DeliveryError as exc:
+    except aiormq.exceptions.PublishError as exc:  # returned: no queue is bound to take it
+        raise BrokerUnavailable(f"{action}: RabbitMQ could not route the message") from exc
+    except aiormq.exceptions.DeliveryError as exc:
         # Nacked: with x-overflow reject-publish, a queue at its x-max-length refused it.
         raise QueueFull(f"{action}: the queue is full (broker.max_queue_length)") from exc
     except TimeoutError:
