@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Collection, Coroutine, Iterator
 from typing import Any
 
 import aio_pika
@@ -56,6 +56,8 @@ LOG_ACK_EVERY = LOG_PREFETCH // 4
 LOG_ACK_IDLE = 1.0
 KIND_HEADER = "aq-kind"
 RECONNECT_DELAY_MAX = 5.0
+#: Seconds an ack or a nack may take to be written before it is given up.
+SETTLE_TIMEOUT = 1.0
 #: Quorum queues have no message priorities (RabbitMQ 3.10), so a queue is one quorum queue per
 #: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9. Each band has its
 #: own consumer; the process starts what they hand it by exact priority (see gate.py).
@@ -119,12 +121,20 @@ class AmqpDelivery(Delivery):
     async def ack(self) -> None:
         # On a closed channel the ack cannot happen; the broker redelivers the message, and
         # the store then finds its outcome recorded.
-        with contextlib.suppress(Exception):
-            await self._channel.basic_ack(self._tag)
+        await _bounded(self._channel.basic_ack(self._tag, wait=False))
 
     async def requeue(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._channel.basic_nack(self._tag, requeue=True)
+        await _bounded(self._channel.basic_nack(self._tag, requeue=True, wait=False))
+
+
+async def _bounded(settle: Awaitable[None]) -> None:
+    """An ack or a nack, which may fail or, worse, hang: on the channel of a connection given
+    up for dead (a frozen broker), aiormq's bounded write queue never drains. A delivery whose
+    ack hangs would hold its slot in the runner for ever, and no job of its queue would start.
+    Either way the broker redelivers the message, and the store finds its outcome recorded."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(SETTLE_TIMEOUT):
+            await settle
 
 
 class _Session:
@@ -456,8 +466,7 @@ class AmqpBroker(Broker):
             return
         channel, tag = self._log_last
         self._log_unacked = 0
-        with contextlib.suppress(Exception):
-            await channel.basic_ack(tag, multiple=True)
+        await _bounded(channel.basic_ack(tag, multiple=True, wait=False))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
