@@ -121,30 +121,39 @@ async def test_a_quiet_log_is_acked_so_consumer_timeout_never_fires(
 ) -> None:
     """Log entries are acked many at a time, and also after a second of quiet: an entry left
     unacked would let RabbitMQ's consumer_timeout close the channel of an idle deployment."""
-    idle = 5.0  # longer than a rabbitmqctl call takes, so that the unacked entry is seen
+    # Long enough for one rabbitmqctl call on a busy machine, so that the unacked entry is seen.
+    idle = 10.0
     monkeypatch.setattr(amqp, "LOG_ACK_IDLE", idle)
     recorder = Recorder()
     broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix), result_ttl=60)
     async with asyncio.timeout(30):
         await broker.start({"q"}, recorder.on_log, recorder.on_dead)
     try:
+        ours = await asyncio.to_thread(connections_of, rabbit, prefix)
         await broker.append(b'{"id": "0", "events": []}')
         async with asyncio.timeout(10):
             await recorder.logged.wait()
-        assert await asyncio.to_thread(unacked, rabbit, prefix) > 0  # else the test proves nothing
-        await asyncio.sleep(idle)
-        assert await asyncio.to_thread(unacked, rabbit, prefix) == 0
+        logged = time.monotonic()
+        seen = await asyncio.to_thread(unacked, rabbit, ours)
+        assert time.monotonic() - logged < idle, "rabbitmqctl too slow to see the entry unacked"
+        assert seen > 0  # else the test proves nothing
+        await asyncio.sleep(logged + idle + 1.0 - time.monotonic())
+        assert await asyncio.to_thread(unacked, rabbit, ours) == 0
     finally:
         await broker.close()
 
 
-def unacked(rabbit: RabbitNode, prefix: str) -> int:
-    """Messages unacked on the channels of the connection that aioqueue named for `prefix`."""
+def connections_of(rabbit: RabbitNode, prefix: str) -> set[str]:
+    """The pids of the connections that aioqueue named for `prefix`."""
     connections = rabbit.ctl("list_connections", "pid", "client_properties").splitlines()
-    ours = {row.split("\t")[0] for row in connections if f"aioqueue {prefix}" in row}
+    return {row.split("\t")[0] for row in connections if f"aioqueue {prefix}" in row}
+
+
+def unacked(rabbit: RabbitNode, connections: set[str]) -> int:
+    """Messages unacked on the channels of `connections`."""
     channels = rabbit.ctl("list_channels", "connection", "messages_unacknowledged").splitlines()
     rows = [row.split("\t") for row in channels]
-    return sum(int(row[1]) for row in rows if len(row) == 2 and row[0] in ours)
+    return sum(int(row[1]) for row in rows if len(row) == 2 and row[0] in connections)
 
 
 @pytest.mark.amqp

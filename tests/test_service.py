@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -11,10 +12,11 @@ from typing import Any
 import orjson
 import pytest
 
-from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext
+from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext, runner
+from aioqueue.broker.base import Delivery
 from aioqueue.config import BrokerSettings, JobsSettings
 from aioqueue.errors import QueueFull
-from aioqueue.jobs import Job
+from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
 
 TERMINAL = {"succeeded", "failed", "dead", "cancelled"}
@@ -569,3 +571,80 @@ async def test_run_at_takes_every_rfc3339_form(make_service: Any, run_at: str) -
     service = await make_service(make_app([]))
     job = await service.submit({"task": "add", "args": [1], "run_at": run_at})
     assert (await until_terminal(service, job.id)).status.value == "succeeded"
+
+
+class RedeliveredCopy(Delivery):
+    """A second copy of a job's message, as the broker redelivers it when a channel closes
+    under the first (RabbitMQ's consumer_timeout, say); says how the runner settled it."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.redelivered = True
+        self.settled: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def ack(self) -> None:
+        self.settled.set_result("acked")
+
+    async def requeue(self) -> None:
+        self.settled.set_result("requeued")
+
+
+def stubborn_app(release: asyncio.Event, runs: list[int]) -> App:
+    app = App()
+
+    @app.task(max_attempts=1, timeout=0.2)
+    async def stubborn(ctx: Context) -> str:
+        """Runs until released, past its timeout too: a task that swallows its cancellation."""
+        runs.append(ctx.attempt)
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+        return "released"
+
+    return app
+
+
+async def copy_of_running_job(service: Service) -> tuple[Job, RedeliveredCopy]:
+    job = await service.submit({"task": "stubborn"})
+    await service.store.wait_for(job.id, lambda j: j.status is JobStatus.RUNNING, 10)
+    copy = RedeliveredCopy(orjson.dumps(job.spec(attempt=1)))
+    return job, copy
+
+
+async def test_a_copy_redelivered_while_the_job_runs_here_waits_for_its_outcome(
+    make_service: Any,
+) -> None:
+    release, runs = asyncio.Event(), list[int]()
+    service = await make_service(stubborn_app(release, runs))
+    job, copy = await copy_of_running_job(service)
+    handling = asyncio.create_task(service.runner.on_delivery(copy))
+    try:
+        await asyncio.sleep(0.5)
+        assert not copy.settled.done()  # waiting for the first copy
+    finally:
+        release.set()
+    async with asyncio.timeout(10):
+        assert await copy.settled == "acked"
+        await handling
+    assert (await until_terminal(service, job.id)).result == "released"
+    assert runs == [1]
+
+
+async def test_a_copy_waits_for_a_stuck_first_copy_only_so_long_then_goes_back(
+    make_service: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A first copy still running well past its timeout is a bug; the copy must not hold its
+    slot for ever: it is requeued, and the log says where the first copy waits."""
+    monkeypatch.setattr(runner, "FIRST_COPY_MARGIN", 0.5)
+    release, runs = asyncio.Event(), list[int]()
+    service = await make_service(stubborn_app(release, runs))
+    job, copy = await copy_of_running_job(service)
+    try:
+        async with asyncio.timeout(10):
+            await service.runner.on_delivery(copy)
+        assert copy.settled.result() == "requeued"
+        assert "its first copy is still running" in caplog.text and "stubborn" in caplog.text
+    finally:
+        release.set()
+    assert (await until_terminal(service, job.id)).status is JobStatus.SUCCEEDED
+    assert runs == [1]

@@ -168,17 +168,20 @@ class EventLog:
     async def _write_and_settle(
         self, events: list[dict[str, Any]], waiters: list[asyncio.Future[None]]
     ) -> None:
+        # Whatever ends the write (a cancellation too), its waiters are settled: an unsettled
+        # one would hang the job whose outcome it is.
+        error: BrokerUnavailable | None = BrokerUnavailable("the write was interrupted")
         try:
             error = await self._write(events)
         finally:
             self._slots.release()
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
+            for waiter in waiters:
+                if waiter.done():
+                    continue
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     async def _write(self, events: list[dict[str, Any]]) -> BrokerUnavailable | None:
         batch_id = secrets.token_hex(8)

@@ -45,6 +45,9 @@ SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
 KNOWN_WITHIN = 1.0
 #: Seconds before a message whose outcome could not be recorded goes back to its queue.
 REQUEUE_AFTER = 1.0
+#: Seconds past its timeout that a redelivered copy waits for a first copy running here: time
+#: for the first copy to record its outcome (each write waits a heartbeat at most) and settle.
+FIRST_COPY_MARGIN = 60.0
 SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
@@ -222,7 +225,18 @@ class Runner:
             logger.info(
                 "job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt
             )
-            await asyncio.wait([running])
+            if not await _finishes(running, spec["timeout"] + FIRST_COPY_MARGIN):
+                # A bug (every step of a run is bounded): rather than hold this slot for ever,
+                # this copy goes back, to find the outcome or run after its delivery limit.
+                logger.error(
+                    "job %s attempt %d: its first copy is still running, requeued; it waits"
+                    " at:\n%s",
+                    job_id,
+                    attempt,
+                    _stack(running),
+                )
+                await delivery.requeue()
+                return
             job = self._store.get(job_id)
             if job is not None and job.attempt == attempt and not job.terminal:
                 # It ended with no outcome (stopped by a shutdown): this copy goes back.
@@ -343,6 +357,26 @@ def _check_json(result: Any) -> None:
 
 def _timeout_message(exc: TimeoutError, spec: dict[str, Any]) -> str:
     return str(exc) or f"timed out after {spec['timeout']:g} s"
+
+
+async def _finishes(task: asyncio.Task[Any], within: float) -> bool:
+    done, _ = await asyncio.wait([task], timeout=within)
+    return bool(done)
+
+
+def _stack(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: its chain of awaits (Task.print_stack shows only the outermost)."""
+    lines = []
+    awaiting: Any = task.get_coro()
+    while awaiting is not None:
+        frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "gi_frame", None)
+        if frame is None:
+            lines.append(f"  awaiting {awaiting!r}")
+            break
+        code = frame.f_code
+        lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
+        awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
+    return "\n".join(lines)
 
 
 async def _quietly(awaitable: Awaitable[None]) -> None:
