@@ -565,20 +565,23 @@ class AmqpBroker(Broker):
             raise BrokerUnavailable(f"RabbitMQ refused the message ({type(confirmation).__name__})")
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
-        seconds = min(round(delay), DELAY_MAX)
-        if seconds <= 0:
-            await self._publish("submit", f"{queue}{band_suffix(priority)}", body, submit=True)
-        else:  # one publish to the log and the delay queues at once
-            key = delay_routing_key(seconds, self.queue_name(queue, priority))
-            await self._publish("submit-delayed", key, body, submit=True)
+        await self._to_queue(body, queue, delay, priority, submit=True)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
+        await self._to_queue(body, queue, delay, priority, submit=False)
+
+    async def _to_queue(
+        self, body: bytes, queue: str, delay: float, priority: int, submit: bool
+    ) -> None:
+        # A submit goes through the submit exchanges: one publish to the log and to the queue
+        # (or the delay queues) at once.
+        now, later = ("submit", "submit-delayed") if submit else ("jobs", "delay")
         seconds = min(round(delay), DELAY_MAX)
         if seconds <= 0:
-            await self._publish("jobs", f"{queue}{band_suffix(priority)}", body)
+            await self._publish(now, f"{queue}{band_suffix(priority)}", body, submit=submit)
         else:
             key = delay_routing_key(seconds, self.queue_name(queue, priority))
-            await self._publish("delay", key, body)
+            await self._publish(later, key, body, submit=submit)
 
     async def append(self, body: bytes) -> None:
         await self._publish("default", self.names["events"], body, LogKind.EVENTS)
