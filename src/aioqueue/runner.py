@@ -169,25 +169,25 @@ class Runner:
         except asyncio.CancelledError:
             job = self._store.get(spec["id"])
             if job is not None and job.status is JobStatus.CANCELLED:
-                await _quietly(delivery.ack())  # cancelled by a user: its outcome is recorded
+                await delivery.ack()  # cancelled by a user: its outcome is recorded
                 return
             if not self._draining:
                 raise
             # Shutting down past the grace period: the job runs again, here after a restart
             # or on another process. (A requeue counts toward the queue's delivery limit.)
-            await _quietly(delivery.requeue())
+            await delivery.requeue()
         except BrokerUnavailable as exc:
             # The outcome is not recorded: give the message back to run it again (or to find
             # the outcome recorded after all, if only the confirm was lost). Not at once: every
             # requeue counts toward the queue's delivery limit, and the broker needs a moment.
             logger.warning("job %s: outcome not recorded, requeued: %s", spec["id"], exc)
             await asyncio.sleep(REQUEUE_AFTER)
-            await _quietly(delivery.requeue())
+            await delivery.requeue()
         except Exception:
             # A bug, not the task's fault (that is caught in _run). Requeued, the message is
             # dead-lettered by the broker after its delivery limit if the fault persists.
             logger.exception("job %s: unexpected error, requeued", spec["id"])
-            await _quietly(delivery.requeue())
+            await delivery.requeue()
 
     async def on_dead(self, body: bytes, reason: str) -> None:
         """Record `dead` for a job message the broker dead-lettered (delivery limit, expiry)."""
@@ -225,7 +225,8 @@ class Runner:
             logger.info(
                 "job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt
             )
-            if not await _finishes(running, spec["timeout"] + FIRST_COPY_MARGIN):
+            done, _ = await asyncio.wait([running], timeout=spec["timeout"] + FIRST_COPY_MARGIN)
+            if not done:
                 # A bug (every step of a run is bounded): rather than hold this slot for ever,
                 # this copy goes back, to find the outcome or run after its delivery limit.
                 logger.error(
@@ -359,11 +360,6 @@ def _timeout_message(exc: TimeoutError, spec: dict[str, Any]) -> str:
     return str(exc) or f"timed out after {spec['timeout']:g} s"
 
 
-async def _finishes(task: asyncio.Task[Any], within: float) -> bool:
-    done, _ = await asyncio.wait([task], timeout=within)
-    return bool(done)
-
-
 def _stack(task: asyncio.Task[Any]) -> str:
     """Where a task waits: its chain of awaits (Task.print_stack shows only the outermost)."""
     lines = []
@@ -377,10 +373,3 @@ def _stack(task: asyncio.Task[Any]) -> str:
         lines.append(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}")
         awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "gi_yieldfrom", None)
     return "\n".join(lines)
-
-
-async def _quietly(awaitable: Awaitable[None]) -> None:
-    try:
-        await awaitable
-    except Exception as exc:  # the channel is likely gone; the broker redelivers anyway
-        logger.debug("could not requeue: %s", exc)

@@ -39,7 +39,11 @@ class LogKind(StrEnum):
 
 
 class Delivery(abc.ABC):
-    """One job message handed to a consumer."""
+    """One job message handed to a consumer.
+
+    Settling it (ack, requeue) never raises and never hangs: where it cannot be done (its
+    channel is gone), the broker delivers the message again anyway.
+    """
 
     #: The message body: a job spec (see `jobs.Job.spec`).
     body: bytes
