@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.rabbitmq import RABBITMQ_BIN, RabbitNode
+from tests.support import STORE_DIR
 
 NODE_START_TIMEOUT = 120.0  # its own bound, outside the first test's 60 s (pyproject)
 
@@ -51,6 +52,13 @@ def _outside_test_timeout() -> Iterator[None]:
     finally:
         if left:
             signal.setitimer(signal.ITIMER_REAL, left)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_dir() -> Iterator[None]:
+    """Served processes keep their job stores in `support.STORE_DIR`, removed at the end."""
+    yield
+    shutil.rmtree(STORE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

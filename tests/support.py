@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"aioqueue serving \S+ on (http://\S+)")
 TERMINAL = {"succeeded", "failed", "dead", "cancelled"}
+#: Where served processes keep their job stores (one file per prefix); removed after the session.
+STORE_DIR = Path(tempfile.gettempdir()) / f"aioqueue-test-stores-{os.getpid()}"
 
 
 class ServeProcess:
@@ -41,6 +44,7 @@ class ServeProcess:
             AIOQUEUE_BROKER__CONFIRM_TIMEOUT="3",
             AIOQUEUE_HTTP__PORT="0",
             AIOQUEUE_APP="tests.apps:app",
+            AIOQUEUE_STORE__DIR=str(STORE_DIR),
         )
         env.update(self.extra_env)
         return env

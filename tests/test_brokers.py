@@ -20,13 +20,15 @@ from tests.rabbitmq import RabbitNode
 class Recorder:
     def __init__(self) -> None:
         self.log: list[tuple[LogKind, bytes]] = []
+        self.offsets: list[int] = []
         self.deliveries: list[tuple[float, bytes, bool]] = []
         self.arrived = asyncio.Event()
         self.logged = asyncio.Event()
         self.requeue_first = False
 
-    def on_log(self, kind: LogKind, body: bytes) -> None:
+    def on_log(self, kind: LogKind, body: bytes, offset: int) -> None:
         self.log.append((kind, body))
+        self.offsets.append(offset)
         self.logged.set()
 
     async def on_dead(self, body: bytes, reason: str) -> None:

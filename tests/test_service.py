@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,7 +15,7 @@ import pytest
 
 from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext, runner
 from aioqueue.broker.base import Delivery
-from aioqueue.config import BrokerSettings, JobsSettings
+from aioqueue.config import BrokerSettings, JobsSettings, StoreSettings
 from aioqueue.errors import QueueFull
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
@@ -59,7 +60,9 @@ def make_app(runs: list[tuple[str, int]]) -> App:
 
 
 @pytest.fixture
-async def make_service(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
+async def make_service(
+    broker_url: str, prefix: str, tmp_path: Path
+) -> AsyncIterator[Callable[..., Any]]:
     started: list[Service] = []
 
     async def make(app: App, broker: dict[str, Any] | None = None, **jobs: Any) -> Service:
@@ -68,6 +71,7 @@ async def make_service(broker_url: str, prefix: str) -> AsyncIterator[Callable[.
                 url=broker_url, prefix=prefix, confirm_timeout=3.0, **(broker or {})
             ),
             jobs=dataclasses.replace(JobsSettings(), **jobs),
+            store=StoreSettings(dir=str(tmp_path)),
         )
         service = Service(app, settings)
         async with asyncio.timeout(30):

@@ -114,6 +114,12 @@ class JobsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    # Where a process on RabbitMQ keeps its job store (SQLite), to restart from it in seconds.
+    dir: str = _key(".aioqueue", str, "expected a directory path", bool)
+
+
+@dataclass(frozen=True, slots=True)
 class WsSettings:
     max_subscriptions: int = _int(100, 1)
     send_buffer: int = _int(256, 1)
@@ -131,6 +137,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
     ws: WsSettings = field(default_factory=WsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     source: str | None = None  # the config.toml that was read; not a key

@@ -66,7 +66,7 @@ class EventLog:
 
     # Reading --------------------------------------------------------------------------------
 
-    def on_log(self, kind: LogKind, body: bytes) -> None:
+    def on_log(self, kind: LogKind, body: bytes, offset: int) -> None:
         """Apply one log entry; called by the broker in log order."""
         try:
             entry = orjson.loads(body)
@@ -80,6 +80,8 @@ class EventLog:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.exception("skipping a log entry that cannot be applied: %.200r", body)
             return
+        finally:
+            self._store.write(offset)
         self.entries_applied += 1
         echo = self._echoes.pop(key, None)
         if echo is not None and not echo.done():
@@ -115,6 +117,7 @@ class EventLog:
                 # answer 503 for a job that will run. The late echo is then a no-op.
                 logger.warning("job %s confirmed but not echoed by the log in time", spec["id"])
                 self._store.create(spec)
+                self._store.write()
         finally:
             self._echoes.pop(spec["id"], None)
 

@@ -201,6 +201,18 @@ class Job:
             "expires_at": self.expires_at,
         }
 
+    def to_state(self) -> dict[str, Any]:
+        """Every field, as JSON can hold it (what the job store keeps)."""
+        return {name: getattr(self, name) for name in Job.__slots__}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Job:
+        job = cls.__new__(cls)
+        for name in Job.__slots__:
+            setattr(job, name, state[name])
+        job.status = JobStatus(job.status)
+        return job
+
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL

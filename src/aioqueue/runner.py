@@ -200,7 +200,7 @@ class Runner:
 
     async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
         job_id, attempt = spec["id"], spec["attempt"]
-        if job_id in self._store.duplicates:
+        if self._store.is_duplicate(job_id):
             logger.info("job %s repeated an idempotency key another job holds: not run", job_id)
             await delivery.ack()
             return
@@ -215,9 +215,16 @@ class Runner:
             await self._log.barrier()
             job = self._store.get(job_id)
         if job is None:
-            # Its `queued` event has left the log's retention: record the job again.
-            await self._log.append({"job": job_id, "event": "queued", "spec": spec})
-            job = self._store.get(job_id)
+            # The store keeps every job until it is terminal, and then for result_ttl: this is
+            # a finished job forgotten since (a job cancelled while its message waited), or a
+            # state lost. Never run it; keep the message where an operator can look.
+            logger.warning(
+                "job %s: a message of a job this store does not know: kept as dead letter, not run",
+                job_id,
+            )
+            await self._broker.dead_letter(delivery.body, "unknown job")
+            await delivery.ack()
+            return
         reason = _skip_reason(job, run, attempt, delivery.redelivered)
         if reason is None and (running := self.running.get(job_id)) is not None:
             # Redelivered while its first copy still runs here: the broker closed the channel
@@ -335,9 +342,7 @@ class Runner:
         return round(delay / resolution) * resolution if resolution else delay
 
 
-def _skip_reason(job: Job | None, run: int, attempt: int, redelivered: bool) -> str | None:
-    if job is None:
-        return "unknown job"
+def _skip_reason(job: Job, run: int, attempt: int, redelivered: bool) -> str | None:
     if run != job.run:
         return f"a message of run {run}, the job is at run {job.run}"
     if job.terminal:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from aioqueue import submission
+from aioqueue import storefile, submission
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
 from aioqueue.config import BrokerSettings, Settings
@@ -18,7 +18,8 @@ from aioqueue.errors import BrokerUnavailable, ConfigError, Conflict, NotFound, 
 from aioqueue.eventlog import EventLog
 from aioqueue.jobs import RETRYABLE, Job
 from aioqueue.runner import Runner, event
-from aioqueue.store import JobStore
+from aioqueue.store import EXPIRE_CHUNK, JobStore
+from aioqueue.storefile import StoreFile
 from aioqueue.submission import build_spec
 
 if TYPE_CHECKING:
@@ -62,8 +63,14 @@ class Service:
         check_timeouts(app, settings)
         self.app = app
         self.settings = settings
-        self.store = JobStore(result_ttl=settings.jobs.result_ttl)
         self.broker = make_broker(settings.broker, settings.jobs.result_ttl)
+        self.store_file: StoreFile | None = None
+        if self.broker.durable:
+            name = storefile.file_name(settings.broker.url, settings.broker.prefix)
+            self.store_file = StoreFile.claim(settings.store.dir, name)
+            self.store = self.store_file.open(settings.jobs.result_ttl)
+        else:
+            self.store = JobStore(settings.jobs.result_ttl)
         self.log = EventLog(
             self.broker,
             self.store,
@@ -95,13 +102,15 @@ class Service:
     async def start(self) -> None:
         """Connect, replay the event log into the store, then start consuming jobs."""
         started = time.monotonic()
-        await self.broker.start(self.app.queues, self.log.on_log, self.runner.on_dead)
+        resumed = self.store.offset
+        await self.broker.start(self.app.queues, self.log.on_log, self.runner.on_dead, resumed)
         self.log.start()
         await self._replay()
         logger.info(
-            "event log replayed: %d jobs from %d entries in %.2f s",
+            "job store ready: %d jobs, %d log entries applied (after offset %s) in %.2f s",
             len(self.store),
             self.log.entries_applied,
+            resumed,
             time.monotonic() - started,
         )
         for queue in sorted(self.app.queues):
@@ -140,6 +149,9 @@ class Service:
         await self.log.close()
         await self.broker.close()
         self.runner.close()
+        self.store.close()
+        if self.store_file is not None:
+            self.store_file.release()
 
     def problem(self) -> str | None:
         """None when ready to serve; else why not (for /readyz and 503s)."""
@@ -216,7 +228,7 @@ class Service:
         if job.terminal:
             raise Conflict(f"the job is {job.status.value} already; only unfinished jobs cancel")
         await self.log.append(event(job_id, "cancelled", job.attempt))
-        return job
+        return self.store.get(job_id) or job
 
     async def retry(self, job_id: str) -> Job:
         """Run a failed, dead or cancelled job again: same id, a new run from attempt 1."""
@@ -233,12 +245,16 @@ class Service:
         spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None, "expires_at": None}
         await self.broker.publish(orjson.dumps(spec), job.queue, priority=job.priority)
         await self.log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
-        return job
+        return self.store.get(job_id) or job
 
     async def _expire_forever(self) -> None:
         period = min(60.0, max(1.0, self.settings.jobs.result_ttl / 10))
         while True:
             await asyncio.sleep(period)
-            expired = self.store.expire()
+            expired = 0
+            while (chunk := self.store.expire()) == EXPIRE_CHUNK:
+                expired += chunk
+                await asyncio.sleep(0)  # let the loop serve meanwhile
+            expired += chunk
             if expired:
                 logger.info("forgot %d jobs finished more than result_ttl ago", expired)

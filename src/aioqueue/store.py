@@ -1,8 +1,14 @@
-"""The queryable job state: every job of the event log's retention, rebuilt by applying it.
+"""The queryable job state: every job the event log told of, kept in SQLite until it expires.
+
+Non-terminal jobs are kept however old they are; finished jobs are forgotten `result_ttl` seconds
+after they finished (G5). The state lives in SQLite (a file on RabbitMQ, `:memory:` otherwise),
+so that memory stays flat however many finished jobs `result_ttl` holds: a bounded LRU cache of
+decoded `Job` objects sits in front of it. Changes are written once per log entry, with the log
+offset they bring the store to, in one transaction: a store on disk is always the state of some
+prefix of the log, and resumes from its `offset` after a restart.
 
 Listing is newest first by creation, paged by an opaque cursor (the creation sequence number of
-the last job returned), so pages stay stable while jobs are added or expire. Finished jobs are
-forgotten `result_ttl` seconds after they finished (G5).
+the last job returned), so pages stay stable while jobs are added or expire.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import bisect
+import collections
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Collection
 from typing import Any
+
+import orjson
 
 from aioqueue.errors import FieldError, InvalidRequest
 from aioqueue.jobs import EventType, IllegalTransition, Job, JobStatus, apply
@@ -24,41 +33,126 @@ logger = logging.getLogger(__name__)
 #: Called after every change with the event's name and the job as it is now.
 ChangeListener = Callable[[str, Job], None]
 
+#: The layout of the tables; a store of another version is not opened (it is rebuilt).
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY,     -- creation order: the order of the log
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    task TEXT NOT NULL,
+    finished_at REAL,
+    idempotency_key TEXT,
+    state BLOB NOT NULL          -- Job.to_state(), as JSON
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+-- Jobs that repeated an idempotency key another job held: never recorded, never run.
+CREATE TABLE IF NOT EXISTS duplicates (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+#: Decoded jobs kept in memory, beyond those changed since the last write.
+CACHE_SIZE = 4096
+#: Rows deleted per statement when expiring, so that no call holds the event loop for long.
+EXPIRE_CHUNK = 2000
+#: SQLite's own page cache, in KiB (a negative cache_size is KiB).
+PAGE_CACHE_KIB = 16 * 1024
+
 
 class JobStore:
-    def __init__(self, result_ttl: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, result_ttl: float, path: str = ":memory:", clock: Callable[[], float] = time.time
+    ) -> None:
         self.result_ttl = result_ttl
+        self.path = path
         self._clock = clock
-        self._jobs: dict[str, Job] = {}
-        self._seq_of: dict[str, int] = {}
-        # Creation order, for listing: parallel ascending sequence numbers and ids. Entries of
-        # expired jobs stay until `_compact()`; readers skip them.
-        self._seqs: list[int] = []
-        self._ids: list[str] = []
-        self._next_seq = 0
+        self._db = connect(path)
+        self._cache: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        #: Jobs changed since the last write (an ordered set), and the sequence numbers of those
+        #: created since.
+        self._dirty: dict[str, None] = {}
+        self._seq_of_new: dict[str, int] = {}
+        self._forgotten: set[str] = set()
+        self._new_duplicates: list[tuple[str, float]] = []
         self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
         self.listeners: list[ChangeListener] = []
-        # Idempotency keys of the jobs kept, and the ids of later jobs that repeated a key: the
-        # first job in log order wins, in every process alike.
-        self._by_key: dict[str, str] = {}
-        self.duplicates: set[str] = set()
+        row = self._db.execute("SELECT max(seq), count(*) FROM jobs").fetchone()
+        self._next_seq = 0 if row[0] is None else row[0] + 1
+        self._count: int = row[1]
+        offset = self._db.execute("SELECT value FROM meta WHERE key = 'offset'").fetchone()
+        #: The log offset of the last entry applied and written; None before the first.
+        self.offset: int | None = None if offset is None else int(offset[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __len__(self) -> int:
+        return self._count
+
+    # Reading --------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        job = self._cache.get(job_id)
+        if job is not None:
+            self._cache.move_to_end(job_id)
+            return job
+        if job_id in self._forgotten:
+            return None
+        row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._cached(Job.from_state(orjson.loads(row[0])))
 
     def for_key(self, key: str) -> Job | None:
         """The job submitted first with this idempotency key, while it is kept."""
-        job_id = self._by_key.get(key)
-        return None if job_id is None else self._jobs.get(job_id)
+        for job_id in self._dirty:
+            job = self._cache[job_id]
+            if job.idempotency_key == key:
+                return job
+        row = self._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+        return None if row is None else self.get(row[0])
 
-    def __len__(self) -> int:
-        return len(self._jobs)
+    def is_duplicate(self, job_id: str) -> bool:
+        """Whether this job repeated an idempotency key another job held (so it never runs)."""
+        if any(job_id == known for known, _ in self._new_duplicates):
+            return True
+        found = self._db.execute("SELECT 1 FROM duplicates WHERE id = ?", (job_id,)).fetchone()
+        return found is not None
 
-    def get(self, job_id: str) -> Job | None:
-        return self._jobs.get(job_id)
+    def list(
+        self,
+        statuses: Collection[JobStatus] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Jobs newest first, filtered; returns the page and the cursor of the next one."""
+        self.write()
+        where, params = ["seq < ?"], [_decode(cursor) if cursor is not None else self._next_seq]
+        if statuses:
+            where.append(f"status IN ({', '.join('?' * len(statuses))})")
+            params += [status.value for status in statuses]
+        if task is not None:
+            where.append("task = ?")
+            params.append(task)
+        rows = self._db.execute(
+            f"SELECT seq, id, state FROM jobs WHERE {' AND '.join(where)}"
+            " ORDER BY seq DESC LIMIT ?",
+            (*params, limit + 1),
+        ).fetchall()
+        page = [self._cache.get(i) or Job.from_state(orjson.loads(state)) for _, i, state in rows]
+        if len(page) > limit:
+            return page[:limit], _encode(rows[limit - 1][0])
+        return page, None
+
+    # Waiting --------------------------------------------------------------------------------
 
     async def wait_for(
         self, job_id: str, condition: Callable[[Job], bool], within: float
     ) -> Job | None:
         """The job once `condition(job)` holds, or as it is after `within` seconds (or None)."""
-        job = self._jobs.get(job_id)
+        job = self.get(job_id)
         if (job is not None and condition(job)) or within <= 0:
             return job
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -75,7 +169,7 @@ class JobStore:
                 waiting.remove(entry)
                 if not waiting:
                     del self._waiters[job_id]
-        return self._jobs.get(job_id)
+        return self.get(job_id)
 
     async def wait_known(self, job_id: str, within: float) -> Job | None:
         """The job, once the log has told this store of it, or None after `within` seconds."""
@@ -83,25 +177,26 @@ class JobStore:
 
     async def wait_terminal(self, job_id: str, within: float) -> None:
         """Return when the job is terminal or `within` seconds have passed."""
-        if job_id in self._jobs:
+        if self.get(job_id) is not None:
             await self.wait_for(job_id, lambda job: job.terminal, within)
+
+    # Changing -------------------------------------------------------------------------------
 
     def create(self, spec: dict[str, Any]) -> Job | None:
         """Add a newly queued job; None (and no change) if the id is known already."""
-        if spec["id"] in self._jobs or spec["id"] in self.duplicates:
+        job_id = spec["id"]
+        if self.get(job_id) is not None or self.is_duplicate(job_id):
             return None
         key = spec.get("idempotency_key")
-        if key is not None:
-            if self.for_key(key) is not None:
-                self.duplicates.add(spec["id"])
-                return None
-            self._by_key[key] = spec["id"]
+        if key is not None and self.for_key(key) is not None:
+            self._new_duplicates.append((job_id, self._clock()))
+            return None
         job = Job.from_spec(spec)
-        self._jobs[job.id] = job
-        self._seq_of[job.id] = self._next_seq
-        self._seqs.append(self._next_seq)
-        self._ids.append(job.id)
+        self._seq_of_new[job_id] = self._next_seq
         self._next_seq += 1
+        self._count += 1
+        self._cached(job)
+        self._dirty[job_id] = None
         self._changed(job.status.value, job)  # the event is `queued` or `scheduled`
         return job
 
@@ -112,7 +207,7 @@ class JobStore:
         if event["event"] == "rejected":  # its queue refused it: it was never accepted
             self._forget(event["job"])
             return None
-        job = self._jobs.get(event["job"])
+        job = self.get(event["job"])
         if job is None:
             logger.debug("event %s for unknown job %s", event["event"], event["job"])
             return None
@@ -121,9 +216,86 @@ class JobStore:
         except IllegalTransition as exc:
             logger.debug("job %s: ignored event: %s", job.id, exc)
             return None
+        self._dirty[job.id] = None
         # A retried job is queued again: subscribers see `queued`, as for a new job.
         self._changed("queued" if kind is EventType.RETRIED else kind.value, job)
         return job
+
+    def write(self, offset: int | None = None) -> None:
+        """Write every change since the last write, and the log offset they reach, at once."""
+        if not (self._dirty or self._forgotten or self._new_duplicates) and offset is None:
+            return
+        db = self._db
+        with db:
+            if self._forgotten:  # first: a job may be created again under a forgotten id
+                db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in self._forgotten])
+            for job_id in self._dirty:
+                job = self._cache[job_id]
+                row = (
+                    job.status.value,
+                    job.finished_at,
+                    orjson.dumps(job.to_state()),
+                )
+                seq = self._seq_of_new.pop(job_id, None)
+                if seq is None:
+                    db.execute(
+                        "UPDATE jobs SET status = ?, finished_at = ?, state = ? WHERE id = ?",
+                        (*row, job_id),
+                    )
+                else:
+                    db.execute(
+                        "INSERT INTO jobs (seq, id, task, idempotency_key, status, finished_at,"
+                        " state) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (seq, job_id, job.task, job.idempotency_key, *row),
+                    )
+            if self._new_duplicates:
+                db.executemany(
+                    "INSERT OR IGNORE INTO duplicates (id, at) VALUES (?, ?)", self._new_duplicates
+                )
+            if offset is not None:
+                db.execute("REPLACE INTO meta (key, value) VALUES ('offset', ?)", (offset,))
+        self._dirty.clear()
+        self._forgotten.clear()
+        self._new_duplicates.clear()
+        if offset is not None:
+            self.offset = offset
+        self._trim_cache()
+
+    def expire(self) -> int:
+        """Forget up to `EXPIRE_CHUNK` jobs that finished more than `result_ttl` ago (and as
+        old duplicate ids); returns how many jobs. Call again while it returns `EXPIRE_CHUNK`."""
+        self.write()
+        horizon = self._clock() - self.result_ttl
+        ids = [
+            row[0]
+            for row in self._db.execute(
+                "SELECT id FROM jobs WHERE finished_at < ? LIMIT ?", (horizon, EXPIRE_CHUNK)
+            )
+        ]
+        with self._db:
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("DELETE FROM duplicates WHERE at < ?", (horizon,))
+        for job_id in ids:
+            self._cache.pop(job_id, None)
+        self._count -= len(ids)
+        return len(ids)
+
+    def _forget(self, job_id: str) -> None:
+        if self.get(job_id) is None:
+            return
+        self._cache.pop(job_id, None)
+        self._dirty.pop(job_id, None)
+        if self._seq_of_new.pop(job_id, None) is None:
+            self._forgotten.add(job_id)
+        self._count -= 1
+
+    def _cached(self, job: Job) -> Job:
+        self._cache[job.id] = job
+        return job
+
+    def _trim_cache(self) -> None:
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
 
     def _changed(self, event: str, job: Job) -> None:
         for listener in self.listeners:
@@ -132,53 +304,30 @@ class JobStore:
             if not waiter.done() and condition(job):
                 waiter.set_result(None)
 
-    def list(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered; returns the page and the cursor of the next one."""
-        end = len(self._seqs) if cursor is None else bisect.bisect_left(self._seqs, _decode(cursor))
-        page: list[Job] = []
-        for index in range(end - 1, -1, -1):
-            job = self._jobs.get(self._ids[index])
-            if job is None or (statuses and job.status not in statuses):
-                continue
-            if task is not None and job.task != task:
-                continue
-            if len(page) == limit:
-                return page, _encode(self._seq_of[page[-1].id])
-            page.append(job)
-        return page, None
 
-    def expire(self) -> int:
-        """Forget jobs that finished more than `result_ttl` ago; returns how many."""
-        horizon = self._clock() - self.result_ttl
-        expired = [
-            job.id
-            for job in self._jobs.values()
-            if job.finished_at is not None and job.finished_at < horizon
-        ]
-        for job_id in expired:
-            self._forget(job_id)
-        if len(self._ids) > 2 * len(self._jobs) + 1024:
-            self._compact()
-        return len(expired)
-
-    def _forget(self, job_id: str) -> None:
-        job = self._jobs.pop(job_id, None)
-        if job is None:
-            return
-        del self._seq_of[job_id]
-        if job.idempotency_key is not None and self._by_key.get(job.idempotency_key) == job_id:
-            del self._by_key[job.idempotency_key]
-
-    def _compact(self) -> None:
-        kept = [(s, i) for s, i in zip(self._seqs, self._ids, strict=True) if i in self._jobs]
-        self._seqs = [s for s, _ in kept]
-        self._ids = [i for _, i in kept]
+def connect(path: str) -> sqlite3.Connection:
+    """Open (or create) a store's database. Raises `sqlite3.DatabaseError` if it is not one."""
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA cache_size = -{PAGE_CACHE_KIB}")
+    if path != ":memory:":
+        # WAL: readers (a checkpoint being copied) never block the writer; NORMAL: a power cut
+        # may lose the last transactions, never the file's consistency, and the log has them.
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
+        # A file cut short or damaged is refused here, not half-read later.
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise sqlite3.DatabaseError(f"quick_check: {check}")
+        db.executescript(SCHEMA)
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return db
 
 
 def _encode(seq: int) -> str:

@@ -228,9 +228,14 @@ class AmqpBroker(Broker):
     # Life cycle -------------------------------------------------------------------------------
 
     async def start(
-        self, queues: Collection[str], on_log: LogHandler, on_dead: DeadHandler
+        self,
+        queues: Collection[str],
+        on_log: LogHandler,
+        on_dead: DeadHandler,
+        after: int | None = None,
     ) -> None:
         self._queues, self._on_log, self._on_dead = queues, on_log, on_dead
+        self._next_offset = 0 if after is None else after + 1
         self._supervisor = asyncio.create_task(self._supervise(), name="aioqueue-amqp")
         await self._connected.wait()
 
@@ -447,7 +452,7 @@ class AmqpBroker(Broker):
             kind = (
                 LogKind.EVENTS if headers.get(KIND_HEADER) == LogKind.EVENTS.value else LogKind.JOB
             )
-            self._on_log(kind, message.body)
+            self._on_log(kind, message.body, offset)
         # Acks on a stream only return credit; one for many is enough.
         self._log_unacked += 1
         self._log_last = (channel, int(_deliver(message).delivery_tag or 0))

@@ -60,8 +60,9 @@ class Delivery(abc.ABC):
 
 
 DeliveryHandler = Callable[[Delivery], Coroutine[Any, Any, None]]
-#: Called in log order, synchronously, for every entry of the event log.
-LogHandler = Callable[[LogKind, bytes], None]
+#: Called in log order, synchronously, for every entry of the event log, with its offset (which
+#: increases by one per entry, the same in every process).
+LogHandler = Callable[[LogKind, bytes, int], None]
 #: Called with the body of a job message the broker dead-lettered, and why.
 DeadHandler = Callable[[bytes, str], Awaitable[None]]
 
@@ -74,9 +75,14 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def start(
-        self, queues: Collection[str], on_log: LogHandler, on_dead: DeadHandler
+        self,
+        queues: Collection[str],
+        on_log: LogHandler,
+        on_dead: DeadHandler,
+        after: int | None = None,
     ) -> None:
-        """Connect, declare the topology for `queues`, and start reading the log from its start.
+        """Connect, declare the topology for `queues`, and start reading the log: after offset
+        `after` (the last entry a saved store applied), or from its start.
 
         Raises `BrokerUnavailable` if the broker cannot be reached at all at start-up; after
         that, the broker reconnects by itself and `problem()` says what is wrong meanwhile.

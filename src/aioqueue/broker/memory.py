@@ -60,12 +60,17 @@ class MemoryBroker(Broker):
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._on_log: LogHandler | None = None
+        self._offsets = itertools.count()
         self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque(
             maxlen=DEAD_LETTERS_KEPT
         )
 
     async def start(
-        self, queues: Collection[str], on_log: LogHandler, on_dead: DeadHandler
+        self,
+        queues: Collection[str],
+        on_log: LogHandler,
+        on_dead: DeadHandler,
+        after: int | None = None,
     ) -> None:
         self._on_log = on_log
         for name in queues:
@@ -137,4 +142,4 @@ class MemoryBroker(Broker):
     def _log(self, kind: LogKind, body: bytes) -> None:
         if self._on_log is None:
             raise RuntimeError("the memory broker is not started")
-        self._on_log(kind, body)
+        self._on_log(kind, body, next(self._offsets))
