@@ -43,9 +43,10 @@ def topology(url: str, prefix: str, queues: Sequence[str]) -> list[str]:
     The delay exchanges and queues (`aioqueue.delay.*`) are shared by every prefix of the vhost
     and are left alone.
     """
-    broker = AmqpBroker(BrokerSettings(url=url, prefix=prefix), result_ttl=1)
+    broker = AmqpBroker(BrokerSettings(url=url, prefix=prefix), log_max_bytes=2**20)
     return [
         *broker.names.values(),
+        f"{prefix}.checkpoints",
         *(name for queue in queues for name in broker.queue_names(queue)),
     ]
 

@@ -54,7 +54,7 @@ async def started(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., A
     brokers: list[Broker] = []
 
     async def start(recorder: Recorder) -> Broker:
-        broker = make_broker(BrokerSettings(url=broker_url, prefix=prefix), result_ttl=60)
+        broker = make_broker(BrokerSettings(url=broker_url, prefix=prefix))
         async with asyncio.timeout(30):
             await broker.start({"q"}, recorder.on_log, recorder.on_dead)
             await broker.consume("q", recorder.on_delivery)
@@ -127,7 +127,7 @@ async def test_a_quiet_log_is_acked_so_consumer_timeout_never_fires(
     idle = 10.0
     monkeypatch.setattr(amqp, "LOG_ACK_IDLE", idle)
     recorder = Recorder()
-    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix), result_ttl=60)
+    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix))
     async with asyncio.timeout(30):
         await broker.start({"q"}, recorder.on_log, recorder.on_dead)
     try:
@@ -164,7 +164,7 @@ async def test_an_unroutable_publish_is_unavailable_not_a_full_queue(
 ) -> None:
     """RabbitMQ returns a message no queue is bound to take (mandatory): that is no 429."""
     recorder = Recorder()
-    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix), result_ttl=60)
+    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix))
     async with asyncio.timeout(30):
         await broker.start({"q"}, recorder.on_log, recorder.on_dead)
     try:

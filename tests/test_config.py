@@ -223,7 +223,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 key = f"{section.name}.{f.name}"
                 expected[key] = (env_name(key), f.default)
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 4 + 8 + 6 + 1 + 3 + 1
+    assert "source" not in rows and len(rows) == 1 + 4 + 8 + 6 + 3 + 3 + 1
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:

@@ -117,6 +117,8 @@ class JobsSettings:
 class StoreSettings:
     # Where a process on RabbitMQ keeps its job store (SQLite), to restart from it in seconds.
     dir: str = _key(".aioqueue", str, "expected a directory path", bool)
+    checkpoint_interval: float = _float(300.0, 0, above=True)  # seconds between checkpoints
+    log_max_bytes: int = _int(2 * 2**30, 2**20)  # the event log's retention on RabbitMQ, bytes
 
 
 @dataclass(frozen=True, slots=True)

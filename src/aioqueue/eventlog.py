@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -49,8 +50,11 @@ class EventLog:
         self._writer: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._writes: set[asyncio.Task[None]] = set()
-        #: Log entries applied so far (all processes' writes).
+        #: Log entries applied so far (all processes' writes), and their bytes.
         self.entries_applied = 0
+        self.bytes_applied = 0
+        #: Called with each checkpoint record the log holds (see checkpointer.py).
+        self.on_checkpoint: Callable[[dict[str, Any]], None] | None = None
 
     def start(self) -> None:
         self._writer = asyncio.create_task(self._write_batches(), name="aioqueue-eventlog")
@@ -75,7 +79,10 @@ class EventLog:
                 key = entry["id"]
             else:
                 for event in entry["events"]:
-                    self._store.apply(event)
+                    if "checkpoint" not in event:
+                        self._store.apply(event)
+                    elif self.on_checkpoint is not None:
+                        self.on_checkpoint(event)
                 key = entry["id"]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.exception("skipping a log entry that cannot be applied: %.200r", body)
@@ -83,6 +90,7 @@ class EventLog:
         finally:
             self._store.write(offset)
         self.entries_applied += 1
+        self.bytes_applied += len(body)
         echo = self._echoes.pop(key, None)
         if echo is not None and not echo.done():
             echo.set_result(None)

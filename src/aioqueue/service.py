@@ -13,7 +13,8 @@ import orjson
 from aioqueue import storefile, submission
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
-from aioqueue.config import BrokerSettings, Settings
+from aioqueue.checkpointer import Checkpointer
+from aioqueue.config import BrokerSettings, Settings, StoreSettings
 from aioqueue.errors import BrokerUnavailable, ConfigError, Conflict, NotFound, NotReady
 from aioqueue.eventlog import EventLog
 from aioqueue.jobs import RETRYABLE, Job
@@ -27,13 +28,18 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds one checkpoint call (find, fetch, write) may take.
+CHECKPOINT_CALL_TIMEOUT = 120.0
 
-def make_broker(settings: BrokerSettings, result_ttl: int) -> Broker:
+
+def make_broker(
+    settings: BrokerSettings, log_max_bytes: int = StoreSettings().log_max_bytes
+) -> Broker:
     if settings.url.startswith("memory:"):
         return MemoryBroker(prefetch=settings.prefetch, max_queue_length=settings.max_queue_length)
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
-    return AmqpBroker(settings, result_ttl=result_ttl)
+    return AmqpBroker(settings, log_max_bytes)
 
 
 def check_timeouts(app: App, settings: Settings) -> None:
@@ -63,7 +69,7 @@ class Service:
         check_timeouts(app, settings)
         self.app = app
         self.settings = settings
-        self.broker = make_broker(settings.broker, settings.jobs.result_ttl)
+        self.broker = make_broker(settings.broker, settings.store.log_max_bytes)
         self.store_file: StoreFile | None = None
         if self.broker.durable:
             name = storefile.file_name(settings.broker.url, settings.broker.prefix)
@@ -77,6 +83,20 @@ class Service:
             submit_timeout=settings.broker.confirm_timeout,
             write_timeout=settings.broker.heartbeat,
         )
+        self.checkpointer: Checkpointer | None = None
+        if self.store_file is not None:
+            from aioqueue.broker.checkpoints import CheckpointStreams  # aio-pika: only when used
+
+            streams = CheckpointStreams(
+                settings.broker.url, settings.broker.prefix, CHECKPOINT_CALL_TIMEOUT
+            )
+            self.checkpointer = Checkpointer(
+                streams,
+                self.store,
+                self.log,
+                settings.store.checkpoint_interval,
+                settings.store.log_max_bytes,
+            )
         queues = app.queues
         self.runner = Runner(
             app.tasks,
@@ -97,11 +117,13 @@ class Service:
         self.max_timeout = (
             settings.broker.consumer_timeout if self.broker.durable else submission.MAX_TIMEOUT
         )
-        self._expiry: asyncio.Task[None] | None = None
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Connect, replay the event log into the store, then start consuming jobs."""
         started = time.monotonic()
+        if self.checkpointer is not None:
+            await self.checkpointer.restore_newest()
         resumed = self.store.offset
         await self.broker.start(self.app.queues, self.log.on_log, self.runner.on_dead, resumed)
         self.log.start()
@@ -115,7 +137,11 @@ class Service:
         )
         for queue in sorted(self.app.queues):
             await self.broker.consume(queue, self.runner.on_delivery)
-        self._expiry = asyncio.create_task(self._expire_forever(), name="aioqueue-expiry")
+        self._background.append(asyncio.create_task(self._expire_forever(), name="aioqueue-expiry"))
+        if self.checkpointer is not None:
+            self._background.append(
+                asyncio.create_task(self.checkpointer.run(), name="aioqueue-checkpoints")
+            )
 
     async def _replay(self) -> None:
         # The barrier's echo comes back after every older entry is applied. A long log takes
@@ -142,8 +168,9 @@ class Service:
 
     async def close(self) -> None:
         self._stopping = True
-        if self._expiry is not None:
-            self._expiry.cancel()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.broker.stop_consuming()
         await self.log.close()

@@ -17,7 +17,9 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection
@@ -78,16 +80,42 @@ class JobStore:
         self._forgotten: set[str] = set()
         self._new_duplicates: list[tuple[str, float]] = []
         self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
+        self._new_meta: dict[str, Any] = {}
         self.listeners: list[ChangeListener] = []
+        self._read_counters()
+
+    def _read_counters(self) -> None:
         row = self._db.execute("SELECT max(seq), count(*) FROM jobs").fetchone()
         self._next_seq = 0 if row[0] is None else row[0] + 1
         self._count: int = row[1]
-        offset = self._db.execute("SELECT value FROM meta WHERE key = 'offset'").fetchone()
         #: The log offset of the last entry applied and written; None before the first.
-        self.offset: int | None = None if offset is None else int(offset[0])
+        self.offset: int | None = self.meta("offset")
 
     def close(self) -> None:
         self._db.close()
+
+    def replace(self, path: str) -> None:
+        """Take the database at `path` (a checkpoint's) as this store's, before the store is
+        used. Raises `sqlite3.DatabaseError`, and keeps the store as it was, if it is unsound."""
+        connect(path).close()
+        self._db.close()
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path + suffix)
+        os.replace(path, self.path)
+        self._db = connect(self.path)
+        self._cache.clear()
+        self._read_counters()
+
+    def meta(self, key: str) -> Any:
+        """A value kept with the store (as JSON), written with the next `write()`."""
+        if key in self._new_meta:
+            return self._new_meta[key]
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self._new_meta[key] = value
 
     def __len__(self) -> int:
         return self._count
@@ -223,7 +251,9 @@ class JobStore:
 
     def write(self, offset: int | None = None) -> None:
         """Write every change since the last write, and the log offset they reach, at once."""
-        if not (self._dirty or self._forgotten or self._new_duplicates) and offset is None:
+        if offset is not None:
+            self._new_meta["offset"] = offset
+        if not (self._dirty or self._forgotten or self._new_duplicates or self._new_meta):
             return
         db = self._db
         with db:
@@ -252,9 +282,12 @@ class JobStore:
                 db.executemany(
                     "INSERT OR IGNORE INTO duplicates (id, at) VALUES (?, ?)", self._new_duplicates
                 )
-            if offset is not None:
-                db.execute("REPLACE INTO meta (key, value) VALUES ('offset', ?)", (offset,))
+            db.executemany(
+                "REPLACE INTO meta (key, value) VALUES (?, ?)",
+                [(key, orjson.dumps(value)) for key, value in self._new_meta.items()],
+            )
         self._dirty.clear()
+        self._new_meta.clear()
         self._forgotten.clear()
         self._new_duplicates.clear()
         if offset is not None:

@@ -2,7 +2,7 @@
 
 Topology, with P the configured prefix (several apps share a vhost by prefix):
 
-    P.submit  (fanout) --> P.events        stream: the event log, kept for result_ttl
+    P.submit  (fanout) --> P.events        stream: the event log, its newest log_max_bytes
                        \\-> P.jobs (direct) --[queue name]--> P.q.<queue>   quorum, one per queue
     P.submit-delayed (fanout) --> P.events, and --> aioqueue.delay.27 (below)
     P.q.<queue> --delivery limit--> P.dlx (fanout) --> P.dead-lettered --(recorded `dead`)--> P.dlq
@@ -184,9 +184,9 @@ class AmqpBroker(Broker):
     durable = True
     delay_resolution = 1.0
 
-    def __init__(self, settings: BrokerSettings, result_ttl: int) -> None:
+    def __init__(self, settings: BrokerSettings, log_max_bytes: int) -> None:
         self._settings = settings
-        self._result_ttl = result_ttl
+        self._log_max_bytes = log_max_bytes
         prefix = settings.prefix
         self.names = {
             "submit": f"{prefix}.submit",
@@ -317,7 +317,9 @@ class AmqpBroker(Broker):
             durable=True,
             arguments={
                 "x-queue-type": "stream",
-                "x-max-age": f"{self._result_ttl}s",
+                # By size, never by age: however long every process was down, the log still
+                # reaches back to the newest checkpoint (see checkpointer.py).
+                "x-max-length-bytes": self._log_max_bytes,
                 "x-stream-max-segment-size-bytes": 8_000_000,
             },
         )
