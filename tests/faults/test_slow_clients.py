@@ -2,6 +2,8 @@
 
 200 raw-socket clients (handshake, one subscribe frame, then never a read, with a 4 KiB receive
 buffer) follow jobs that report progress every 10 ms for 30 s, beside one client that reads.
+Disconnected means released: the served process's file descriptors and ESTABLISHED sockets
+return to their level before the clients came, while the clients still hold their ends.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import orjson
 import psutil
 import pytest
 
+from aioqueue.web.hub import CLOSE_TIMEOUT, SEND_TIMEOUT
 from tests.support import ServeProcess, submit, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -27,6 +30,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SLOW_CLIENTS, JOBS, SECONDS = 200, 10, 30.0
 #: The ceiling stated in the README: RSS may grow at most this much over its idle value.
 RSS_GROWTH_LIMIT = 100 * 2**20
+#: Seconds after a slow client's close is due for its socket to be gone from the served process.
+RELEASE_DEADLINE = 20.0
+#: Descriptors and sockets over the level before the test that still count as that level: the
+#: client that reads, and a keep-alive HTTP connection, may be open or not when we look.
+SLACK = 4
 
 
 def masked_text_frame(payload: bytes) -> bytes:
@@ -72,6 +80,26 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
+def open_sockets(process: psutil.Process) -> tuple[int, int]:
+    """The process's open file descriptors, and its TCP sockets in state ESTABLISHED."""
+    connections = process.net_connections(kind="tcp")
+    established = sum(1 for conn in connections if conn.status == psutil.CONN_ESTABLISHED)
+    return process.num_fds(), established
+
+
+async def wait_released(
+    process: psutil.Process, level: tuple[int, int], deadline: float
+) -> tuple[float, tuple[int, int]]:
+    """Poll until fds and ESTABLISHED sockets are back within SLACK of `level`, or the
+    deadline (monotonic) passes; the time it happened and the last count."""
+    while True:
+        now = time.monotonic()
+        count = await asyncio.to_thread(open_sockets, process)
+        if all(n <= base + SLACK for n, base in zip(count, level, strict=True)) or now > deadline:
+            return now, count
+        await asyncio.sleep(0.5)
+
+
 @pytest.fixture
 def server(tmp_path: Path, prefix: str) -> Iterator[ServeProcess]:
     process = ServeProcess("memory://", prefix).start(tmp_path)
@@ -91,10 +119,16 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
         for _ in range(JOBS)
     ]
     host, port = server.url.removeprefix("http://").split(":")
+    before = open_sockets(process)
     sockets = [
         await slow_client(host, int(port), f"job:{jobs[n % JOBS]['id']}")
         for n in range(SLOW_CLIENTS)
     ]
+    during = open_sockets(process)
+    # The last client subscribed just now: its close is due once a frame waited SEND_TIMEOUT
+    # and the close handshake had its CLOSE_TIMEOUT.
+    close_due = time.monotonic() + SEND_TIMEOUT + CLOSE_TIMEOUT
+    released = asyncio.create_task(wait_released(process, before, close_due + RELEASE_DEADLINE))
     gaps: list[float] = []
     peak = idle_rss
     async with http.ws_connect(server.url + "/v1/ws") as fast:
@@ -111,6 +145,8 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
                 last = now
             if len(gaps) % 50 == 0:
                 peak = max(peak, process.memory_info().rss)
+    # Counted before the clients read or close anything: their ends are all still open.
+    released_at, after = await released
     closed = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, s) for s in sockets)))
     for sock in sockets:
         sock.close()
@@ -119,7 +155,12 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
     print(
         f"\nslow clients {SLOW_CLIENTS}: disconnected {closed}; RSS idle {idle_rss / 2**20:.0f} MiB, "
         f"peak {peak / 2**20:.0f} MiB (+{growth / 2**20:.0f}); fast client p99 gap {1000 * p99:.0f} ms"
+        f"\nserved process fds/ESTABLISHED: before {before[0]}/{before[1]}, "
+        f"with the clients {during[0]}/{during[1]}, "
+        f"{released_at - close_due:+.1f} s after their close was due {after[0]}/{after[1]}"
     )
+    assert during[1] >= before[1] + SLOW_CLIENTS  # the count sees the clients at all
+    assert after[0] <= before[0] + SLACK and after[1] <= before[1] + SLACK
     assert growth < RSS_GROWTH_LIMIT
     assert closed == SLOW_CLIENTS
     assert p99 < 0.1

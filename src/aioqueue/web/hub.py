@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 
 import orjson
@@ -90,11 +89,24 @@ class Connection:
         task.add_done_callback(_closing_tasks.discard)
 
     async def _close(self, code: int, message: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=message.encode())
-                return
-        # The client does not read: its socket buffer is full and the close frame is stuck.
+        except asyncio.CancelledError:
+            # When the writer's send timeout fired, it cancelled the drain waiter that aiohttp
+            # shares between writes, and close() raises CancelledError at once: that is a
+            # failed close. Only a cancellation of this task itself goes on up.
+            if _cancelling():
+                raise
+        except Exception as exc:  # timed out, or the connection broke: the socket goes anyway
+            logger.debug("websocket close handshake failed: %r", exc)
+        finally:
+            # Whatever happened, the socket is released now. A client that does not read holds
+            # the close frame in a full send buffer, where transport.close() would wait for
+            # ever; after a completed handshake the transport is closed and this does nothing.
+            self._abort()
+
+    def _abort(self) -> None:
         transport = self.ws._req.transport if self.ws._req is not None else None
         if transport is not None:
             transport.abort()
@@ -107,6 +119,12 @@ class Connection:
 
 
 _closing_tasks: set[asyncio.Task[None]] = set()
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (not merely handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Hub:
