@@ -300,6 +300,46 @@ async def test_unsubscribe_stops_events(client: Client) -> None:
         assert await receive(ws) == {"type": "pong"}  # no job frame came in between
 
 
+async def send_while_reading(ws: Any, frames: list[str], replies: int) -> list[dict[str, Any]]:
+    """Send `frames` back to back while another task reads; the replies read, until `replies`
+    came or the server closed the connection."""
+    received: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        while len(received) < replies:
+            message = await ws.receive(timeout=10)
+            if message.type is not WSMsgType.TEXT:
+                return
+            received.append(orjson.loads(message.data))
+
+    reader = asyncio.create_task(read())
+    for frame in frames:
+        await ws.send_str(frame)
+    await reader
+    return received
+
+
+async def test_pipelined_pings_to_a_client_that_reads_all_get_pongs(client: Client) -> None:
+    """Frames sent back to back wait on the server while the client's send queue is full: a client
+    that reads is never closed as slow (2,000 pings got 932 pongs, then 1013)."""
+    async with client.ws_connect("/v1/ws") as ws:
+        replies = await send_while_reading(ws, ['{"op": "ping"}'] * 2000, 2000)
+        assert (len(replies), ws.close_code) == (2000, None)
+        assert all(reply == {"type": "pong"} for reply in replies)
+
+
+async def test_pipelined_subscribes_to_a_client_that_reads_all_get_replies(client: Client) -> None:
+    """500 subscribes to one job back to back: 500 `subscribed` and 500 snapshots (was 1013)."""
+    job = await submit(client, {"task": "add", "args": [1]})
+    await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})  # no events but the replies
+    subscribe = orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode()
+    async with client.ws_connect("/v1/ws") as ws:
+        replies = await send_while_reading(ws, [subscribe] * 500, 1000)
+        assert ws.close_code is None
+    kinds = [reply.get("event", reply["type"]) for reply in replies]
+    assert (kinds.count("subscribed"), kinds.count("snapshot"), len(kinds)) == (500, 500, 1000)
+
+
 async def test_cancel_and_retry_over_http(client: Client) -> None:
     job = await submit(client, {"task": "ticker", "args": {"steps": 100, "interval": 0.05}})
     assert (await client.delete("/v1/jobs/nope")).status == 404

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import statistics
 import time
@@ -46,6 +47,14 @@ def masked_text_frame(payload: bytes) -> bytes:
 
 async def slow_client(host: str, port: int, channel: str) -> socket.socket:
     """Handshake and subscribe, then never read again."""
+    sock = await raw_websocket(host, port)
+    subscribe = orjson.dumps({"op": "subscribe", "channel": channel})
+    await asyncio.get_running_loop().sock_sendall(sock, masked_text_frame(subscribe))
+    return sock
+
+
+async def raw_websocket(host: str, port: int) -> socket.socket:
+    """A websocket handshake on a plain socket with a 4 KiB receive buffer."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -61,8 +70,6 @@ async def slow_client(host: str, port: int, channel: str) -> socket.socket:
     while b"\r\n\r\n" not in answer:
         answer += await loop.sock_recv(sock, 1024)
     assert answer.startswith(b"HTTP/1.1 101"), answer
-    subscribe = orjson.dumps({"op": "subscribe", "channel": channel})
-    await loop.sock_sendall(sock, masked_text_frame(subscribe))
     return sock
 
 
@@ -164,3 +171,27 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
     assert growth < RSS_GROWTH_LIMIT
     assert closed == SLOW_CLIENTS
     assert p99 < 0.1
+
+
+async def test_a_client_that_sends_but_never_reads_is_still_closed(
+    server: ServeProcess, http: aiohttp.ClientSession
+) -> None:
+    """The server stops reading a client's frames while their replies are queued; that must not
+    spare a client that never reads: 4 MB of pings with nothing read is closed all the same."""
+    await wait_ready(http, server.url)
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = await raw_websocket(host, int(port))
+    ping = masked_text_frame(b'{"op": "ping"}')
+    loop = asyncio.get_running_loop()
+    # May stall once the server stops reading, and fails when the server resets the connection.
+    sending = asyncio.create_task(loop.sock_sendall(sock, ping * 200_000))
+    try:
+        deadline = time.monotonic() + SEND_TIMEOUT + 10
+        while not re.search(r"websocket client (has not read|too slow).*: closing", server.log()):
+            assert time.monotonic() < deadline, "the client that does not read is still served"
+            await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(closed_by_server, sock)
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        sock.close()

@@ -6,6 +6,8 @@ reads slowly sees fewer progress updates, never an older one after a newer one. 
 closed with 1013 ("try again later") when its queue is full anyway, or when one frame has waited
 `SEND_TIMEOUT` seconds for the client to read (its socket buffers are full): the client
 reconnects and resubscribes, and the snapshot it gets then carries everything it missed (G5).
+The client's own frames are read only while the queue is less than half full: one that sends
+faster than it reads the replies is slowed down, and only a client that does not read fills it.
 
 The read loop runs in a task of the connection's own (`serve`), so that a close started here can
 stop it while it waits for the client: aiohttp's `close()` called beside a waiting `receive()`
@@ -49,6 +51,11 @@ class Connection:
         self._queue: collections.deque[list[bytes | str | None]] = collections.deque()
         self._coalescing: dict[str, list[bytes | str | None]] = {}
         self._wake = asyncio.Event()
+        # Set while the queue is less than half full. The replies to one frame are one or two
+        # frames, and the other half is left for the hub's events.
+        self._room = asyncio.Event()
+        self._room.set()
+        self._pause_at = max(1, send_buffer // 2)
         self._closing = False
         self._closed: asyncio.Task[None] | None = None  # the close handshake, once begun
         self._reader: asyncio.Task[None] | None = None
@@ -72,11 +79,15 @@ class Connection:
         await self.wait_closed()
 
     async def receive(self) -> WSMessage | None:
-        """The client's next message for the read loop; None once the connection closes."""
+        """The client's next message for the read loop, once the queue has room for its
+        replies; None once the connection closes."""
         if self._closing:
             return None
         self._idle = True
         try:
+            # aiohttp hands out frames already buffered without yielding, so without this wait
+            # a burst of pipelined frames would fill the queue before the writer ever ran.
+            await self._room.wait()
             return await self.ws.receive()
         finally:
             self._idle = False
@@ -96,6 +107,8 @@ class Connection:
         self._queue.append(slot)
         if coalesce is not None:
             self._coalescing[coalesce] = slot
+        if len(self._queue) >= self._pause_at:
+            self._room.clear()
         self._wake.set()
 
     async def _write_forever(self) -> None:
@@ -106,6 +119,8 @@ class Connection:
             frame, key = self._queue.popleft()
             if key is not None:
                 del self._coalescing[key]  # type: ignore[arg-type]
+            if len(self._queue) < self._pause_at:
+                self._room.set()
             assert isinstance(frame, bytes)
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):
