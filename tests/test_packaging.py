@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -58,3 +59,14 @@ def test_every_package_folder_has_an_init_so_a_plain_install_ships_it() -> None:
         p for p in (ROOT / "src" / "aioqueue").rglob("*") if p.is_dir() and p.name != "__pycache__"
     ]
     assert folders and all((folder / "__init__.py").exists() for folder in folders)
+
+
+def test_the_readme_lists_every_websocket_error_code() -> None:
+    """Each code in an `error` frame of web/ws.py is in the README's websocket section."""
+    source = (ROOT / "src" / "aioqueue" / "web" / "ws.py").read_text()
+    sent = set(re.findall(r'(?:_error|FrameError)\(\s*"(\w+)"', source))
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Websocket") : readme.index("## CLI")]
+    listed = set(re.findall(r"`(\w+)`", section))
+    assert len(sent) >= 8  # the pattern still finds them
+    assert sent <= listed, f"not in the README: {sorted(sent - listed)}"

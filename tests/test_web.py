@@ -1,4 +1,8 @@
-"""The HTTP API and websocket protocol in-process (memory broker): answers and bad input."""
+"""The HTTP API and websocket protocol in-process: answers and bad input.
+
+What goes through the job path (submit, get, list, cancel, retry, subscribe) runs on both brokers
+(`job_client`); input refused before it reaches a broker runs on memory:// only (`client`).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
-from aioqueue.config import HttpSettings, JobsSettings, WsSettings
+from aioqueue.config import BrokerSettings, HttpSettings, JobsSettings, WsSettings
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 
@@ -43,20 +47,38 @@ def make_app() -> App:
 
 
 @pytest.fixture
-async def client(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
-) -> Client:
-    settings = Settings(
-        jobs=JobsSettings(shutdown_grace=0.2),
-        http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
-        ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
-    )
-    test_client = await aiohttp_client(create_app(make_app(), settings))
-    deadline = time.monotonic() + 10
-    while (await test_client.get("/readyz")).status != 200:
-        assert time.monotonic() < deadline, "not ready in time"
-        await asyncio.sleep(0.01)
-    return test_client
+def serve(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]], prefix: str
+) -> Callable[[str], Awaitable[Client]]:
+    """A factory: the app served on a broker, once /readyz says so."""
+
+    async def start(broker_url: str) -> Client:
+        settings = Settings(
+            broker=BrokerSettings(url=broker_url, prefix=prefix, confirm_timeout=3.0),
+            jobs=JobsSettings(shutdown_grace=0.2),
+            http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
+            ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
+        )
+        test_client = await aiohttp_client(create_app(make_app(), settings))
+        deadline = time.monotonic() + 30
+        while (await test_client.get("/readyz")).status != 200:
+            assert time.monotonic() < deadline, "not ready in time"
+            await asyncio.sleep(0.01)
+        return test_client
+
+    return start
+
+
+@pytest.fixture
+async def client(serve: Callable[[str], Awaitable[Client]]) -> Client:
+    """The app on memory://: for input that is answered before it reaches a broker."""
+    return await serve("memory://")
+
+
+@pytest.fixture
+async def job_client(serve: Callable[[str], Awaitable[Client]], broker_url: str) -> Client:
+    """The app on each broker in turn: for what goes through the job path."""
+    return await serve(broker_url)
 
 
 def job_count(client: Client) -> int:
@@ -71,18 +93,18 @@ async def submit(client: Client, body: Any) -> dict[str, Any]:
     return dict(await response.json())
 
 
-async def test_submit_then_long_poll_until_succeeded(client: Client) -> None:
-    job = await submit(client, {"task": "add", "args": {"a": 2, "b": 3}})
+async def test_submit_then_long_poll_until_succeeded(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "add", "args": {"a": 2, "b": 3}})
     assert job["status"] == "queued" and len(job["id"]) >= 21
-    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+    response = await job_client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
     record = await response.json()
     assert (response.status, record["status"], record["result"]) == (200, "succeeded", 5)
 
 
-async def test_wait_returns_after_its_time_when_the_job_is_not_done(client: Client) -> None:
-    job = await submit(client, {"task": "ticker", "args": {"steps": 50, "interval": 0.1}})
+async def test_wait_returns_after_its_time_when_the_job_is_not_done(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "ticker", "args": {"steps": 50, "interval": 0.1}})
     started = time.monotonic()
-    response = await client.get(f"/v1/jobs/{job['id']}", params={"wait": "0.3"})
+    response = await job_client.get(f"/v1/jobs/{job['id']}", params={"wait": "0.3"})
     assert response.status == 200 and (await response.json())["status"] != "succeeded"
     assert 0.25 < time.monotonic() - started < 3
 
@@ -157,19 +179,19 @@ async def test_wrong_method_is_a_405_problem(client: Client) -> None:
     assert (response.status, response.content_type) == (405, "application/problem+json")
 
 
-async def test_list_is_newest_first_filtered_and_paged(client: Client) -> None:
-    ids = [(await submit(client, {"task": "add", "args": [n]}))["id"] for n in range(5)]
-    failed = await submit(client, {"task": "broken"})
-    await client.get(f"/v1/jobs/{failed['id']}", params={"wait": "5"})
+async def test_list_is_newest_first_filtered_and_paged(job_client: Client) -> None:
+    ids = [(await submit(job_client, {"task": "add", "args": [n]}))["id"] for n in range(5)]
+    failed = await submit(job_client, {"task": "broken"})
+    await job_client.get(f"/v1/jobs/{failed['id']}", params={"wait": "5"})
     for job_id in ids:
-        await client.get(f"/v1/jobs/{job_id}", params={"wait": "5"})
-    page = await (await client.get("/v1/jobs", params={"task": "add", "limit": "3"})).json()
+        await job_client.get(f"/v1/jobs/{job_id}", params={"wait": "5"})
+    page = await (await job_client.get("/v1/jobs", params={"task": "add", "limit": "3"})).json()
     assert [job["id"] for job in page["jobs"]] == ids[::-1][:3]
     rest = await (
-        await client.get("/v1/jobs", params={"task": "add", "cursor": page["next"]})
+        await job_client.get("/v1/jobs", params={"task": "add", "cursor": page["next"]})
     ).json()
     assert [job["id"] for job in rest["jobs"]] == ids[::-1][3:] and rest["next"] is None
-    dead = await (await client.get("/v1/jobs", params={"status": "failed,dead"})).json()
+    dead = await (await job_client.get("/v1/jobs", params={"status": "failed,dead"})).json()
     assert [job["id"] for job in dead["jobs"]] == [failed["id"]]
 
 
@@ -187,9 +209,9 @@ async def test_tasks_are_described(client: Client) -> None:
     }
 
 
-async def test_health_and_readiness(client: Client) -> None:
-    assert (await client.get("/healthz")).status == 200
-    assert await (await client.get("/readyz")).json() == {"status": "ready"}
+async def test_health_and_readiness(job_client: Client) -> None:
+    assert (await job_client.get("/healthz")).status == 200
+    assert await (await job_client.get("/readyz")).json() == {"status": "ready"}
 
 
 # Websocket ----------------------------------------------------------------------------------
@@ -201,8 +223,8 @@ async def receive(ws: Any, deadline: float = 5.0) -> dict[str, Any]:
     return dict(orjson.loads(message.data))
 
 
-async def test_subscribe_gets_a_snapshot_then_every_event(client: Client) -> None:
-    async with client.ws_connect("/v1/ws") as ws:
+async def test_subscribe_gets_a_snapshot_then_every_event(job_client: Client) -> None:
+    async with job_client.ws_connect("/v1/ws") as ws:
         await ws.send_str(
             '{"op": "submit", "id": 7, "job": {"task": "ticker", "args": {"interval": 0.1}}}'
         )
@@ -221,10 +243,10 @@ async def test_subscribe_gets_a_snapshot_then_every_event(client: Client) -> Non
         assert frame["job"]["result"] == "done"
 
 
-async def test_subscribing_after_the_end_still_gets_the_result(client: Client) -> None:
-    job = await submit(client, {"task": "add", "args": [40, 2]})
-    await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
-    async with client.ws_connect("/v1/ws") as ws:
+async def test_subscribing_after_the_end_still_gets_the_result(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "add", "args": [40, 2]})
+    await job_client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+    async with job_client.ws_connect("/v1/ws") as ws:
         await ws.send_str(orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode())
         await receive(ws)
         snapshot = await receive(ws)
@@ -266,9 +288,9 @@ async def test_binary_frames_are_refused(client: Client) -> None:
         assert (await receive(ws))["code"] == "bad_frame"
 
 
-async def test_too_many_subscriptions(client: Client) -> None:
-    ids = [(await submit(client, {"task": "add", "args": [n]}))["id"] for n in range(4)]
-    async with client.ws_connect("/v1/ws") as ws:
+async def test_too_many_subscriptions(job_client: Client) -> None:
+    ids = [(await submit(job_client, {"task": "add", "args": [n]}))["id"] for n in range(4)]
+    async with job_client.ws_connect("/v1/ws") as ws:
         for job_id in ids:
             await ws.send_str(
                 orjson.dumps({"op": "subscribe", "channel": f"job:{job_id}"}).decode()
@@ -286,61 +308,103 @@ async def test_a_frame_over_the_limit_closes_with_1009(client: Client) -> None:
         assert ws.close_code == 1009
 
 
-async def test_unsubscribe_stops_events(client: Client) -> None:
-    job = await submit(client, {"task": "ticker", "args": {"steps": 20, "interval": 0.02}})
-    async with client.ws_connect("/v1/ws") as ws:
+async def test_unsubscribe_stops_events(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "ticker", "args": {"steps": 20, "interval": 0.02}})
+    async with job_client.ws_connect("/v1/ws") as ws:
         channel = f"job:{job['id']}"
         await ws.send_str(orjson.dumps({"op": "subscribe", "channel": channel}).decode())
         await ws.send_str(orjson.dumps({"op": "unsubscribe", "channel": channel}).decode())
         frames: list[dict[str, Any]] = []
         while not frames or frames[-1]["type"] != "unsubscribed":
             frames.append(await receive(ws))
-        await client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
+        await job_client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})
         await ws.send_str('{"op": "ping"}')
         assert await receive(ws) == {"type": "pong"}  # no job frame came in between
 
 
-async def test_cancel_and_retry_over_http(client: Client) -> None:
-    job = await submit(client, {"task": "ticker", "args": {"steps": 100, "interval": 0.05}})
-    assert (await client.delete("/v1/jobs/nope")).status == 404
-    cancelled = await client.delete(f"/v1/jobs/{job['id']}")
+async def send_while_reading(ws: Any, frames: list[str], replies: int) -> list[dict[str, Any]]:
+    """Send `frames` back to back while another task reads; the replies read, until `replies`
+    came or the server closed the connection."""
+    received: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        while len(received) < replies:
+            message = await ws.receive(timeout=10)
+            if message.type is not WSMsgType.TEXT:
+                return
+            received.append(orjson.loads(message.data))
+
+    reader = asyncio.create_task(read())
+    for frame in frames:
+        await ws.send_str(frame)
+    await reader
+    return received
+
+
+async def test_pipelined_pings_to_a_client_that_reads_all_get_pongs(client: Client) -> None:
+    """Frames sent back to back wait on the server while the client's send queue is full: a client
+    that reads is never closed as slow (2,000 pings got 932 pongs, then 1013)."""
+    async with client.ws_connect("/v1/ws") as ws:
+        replies = await send_while_reading(ws, ['{"op": "ping"}'] * 2000, 2000)
+        assert (len(replies), ws.close_code) == (2000, None)
+        assert all(reply == {"type": "pong"} for reply in replies)
+
+
+async def test_pipelined_subscribes_to_a_client_that_reads_all_get_replies(
+    job_client: Client,
+) -> None:
+    """500 subscribes to one job back to back: 500 `subscribed` and 500 snapshots (was 1013)."""
+    job = await submit(job_client, {"task": "add", "args": [1]})
+    await job_client.get(f"/v1/jobs/{job['id']}", params={"wait": "5"})  # no events but the replies
+    subscribe = orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode()
+    async with job_client.ws_connect("/v1/ws") as ws:
+        replies = await send_while_reading(ws, [subscribe] * 500, 1000)
+        assert ws.close_code is None
+    kinds = [reply.get("event", reply["type"]) for reply in replies]
+    assert (kinds.count("subscribed"), kinds.count("snapshot"), len(kinds)) == (500, 500, 1000)
+
+
+async def test_cancel_and_retry_over_http(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "ticker", "args": {"steps": 100, "interval": 0.05}})
+    assert (await job_client.delete("/v1/jobs/nope")).status == 404
+    cancelled = await job_client.delete(f"/v1/jobs/{job['id']}")
     assert (cancelled.status, (await cancelled.json())["status"]) == (202, "cancelled")
-    again = await client.delete(f"/v1/jobs/{job['id']}")
+    again = await job_client.delete(f"/v1/jobs/{job['id']}")
     assert (again.status, again.content_type) == (409, "application/problem+json")
-    retried = await client.post(f"/v1/jobs/{job['id']}/retry")
+    retried = await job_client.post(f"/v1/jobs/{job['id']}/retry")
     assert (retried.status, (await retried.json())["status"]) == (202, "queued")
-    assert (await client.post(f"/v1/jobs/{job['id']}/retry")).status == 409  # not finished
-    assert (await client.post("/v1/jobs/nope/retry")).status == 404
+    assert (await job_client.post(f"/v1/jobs/{job['id']}/retry")).status == 409  # not finished
+    assert (await job_client.post("/v1/jobs/nope/retry")).status == 404
 
 
-async def test_fifty_simultaneous_submits_with_one_key_make_one_job(client: Client) -> None:
+async def test_fifty_simultaneous_submits_with_one_key_make_one_job(job_client: Client) -> None:
     body = orjson.dumps({"task": "add", "args": [1, 2]})
     headers = {**JSON, "Idempotency-Key": "order-42"}
     responses = await asyncio.gather(
-        *(client.post("/v1/jobs", data=body, headers=headers) for _ in range(50))
+        *(job_client.post("/v1/jobs", data=body, headers=headers) for _ in range(50))
     )
     statuses = sorted(response.status for response in responses)
     ids = {(await response.json())["id"] for response in responses}
     assert statuses == [200] * 49 + [202]
-    assert len(ids) == 1 and job_count(client) == 1
+    assert len(ids) == 1 and job_count(job_client) == 1
     in_body = {"task": "add", "args": [1, 2], "idempotency_key": "order-42"}
-    again = await client.post("/v1/jobs", data=orjson.dumps(in_body), headers=JSON)
+    again = await job_client.post("/v1/jobs", data=orjson.dumps(in_body), headers=JSON)
     assert (again.status, (await again.json())["id"]) == (200, ids.pop())
 
 
-async def test_a_key_reused_with_another_body_is_a_409(client: Client) -> None:
+async def test_a_key_reused_with_another_body_is_a_409(job_client: Client) -> None:
     headers = {**JSON, "Idempotency-Key": "k1"}
-    first = await client.post(
+    first = await job_client.post(
         "/v1/jobs", data=orjson.dumps({"task": "add", "args": [1]}), headers=headers
     )
-    other = await client.post(
+    other = await job_client.post(
         "/v1/jobs", data=orjson.dumps({"task": "add", "args": [2]}), headers=headers
     )
     assert (first.status, other.status) == (202, 409)
     mismatch = {"task": "add", "args": [1], "idempotency_key": "k2"}
-    response = await client.post("/v1/jobs", data=orjson.dumps(mismatch), headers=headers)
+    response = await job_client.post("/v1/jobs", data=orjson.dumps(mismatch), headers=headers)
     assert response.status == 400
-    assert job_count(client) == 1
+    assert job_count(job_client) == 1
 
 
 async def test_a_body_that_stops_arriving_is_a_408_not_a_hang(client: Client) -> None:

@@ -130,17 +130,48 @@ async def run_cli(
     )
 
 
+#: How long a busy client leaves the server's close frame unread: well within hub.CLOSE_TIMEOUT.
+BUSY = 0.3
+CLOSED_TYPES = {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR}
+
+
+async def close_code_seen(ws: aiohttp.ClientWebSocketResponse, busy: float = 0.0) -> int | None:
+    """Read until the server closes (after `busy` s of reading nothing): the client's close code."""
+    await asyncio.sleep(busy)
+    while (await ws.receive(timeout=10)).type not in CLOSED_TYPES:
+        pass
+    return ws.close_code
+
+
 async def test_sigterm_closes_websockets_with_1001_and_exits_0(
     serve: StartServe, http: aiohttp.ClientSession
 ) -> None:
-    server = serve()
+    """On SIGTERM the server waits for each client's close frame before it drops the connection
+    (RFC 6455 §7.1.1), so an aiohttp client sees 1001, not 1006: one waiting for a frame, one busy
+    for a moment when the close frame comes, and one following a running job."""
+    server = serve(AIOQUEUE_JOBS__SHUTDOWN_GRACE="0.5")
     await wait_ready(http, server.url)
-    async with http.ws_connect(server.url + "/v1/ws") as ws:
-        await ws.send_str('{"op": "ping"}')
-        await ws.receive(timeout=5)
+    job = await submit(
+        http, server.url, {"task": "ticker", "args": {"steps": 100, "interval": 0.05}}
+    )
+    waiting, busy, following = [await http.ws_connect(server.url + "/v1/ws") for _ in range(3)]
+    try:
+        for ws in (waiting, busy):
+            await ws.send_str('{"op": "ping"}')
+            assert (await ws.receive(timeout=5)).data == '{"type":"pong"}'
+        await following.send_str(
+            orjson.dumps({"op": "subscribe", "channel": f"job:{job['id']}"}).decode()
+        )
+        while (await next_job_frame(following))["event"] != "progress":
+            pass
         server.signal(signal.SIGTERM)
-        message = await ws.receive(timeout=10)
-        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001
+        codes = await asyncio.gather(
+            close_code_seen(waiting), close_code_seen(busy, BUSY), close_code_seen(following)
+        )
+    finally:
+        for ws in (waiting, busy, following):
+            await ws.close()
+    assert list(codes) == [1001, 1001, 1001]
     assert server.proc is not None and server.proc.wait(timeout=10) == 0
 
 

@@ -2,6 +2,8 @@
 
 200 raw-socket clients (handshake, one subscribe frame, then never a read, with a 4 KiB receive
 buffer) follow jobs that report progress every 10 ms for 30 s, beside one client that reads.
+Disconnected means released: the served process's file descriptors and ESTABLISHED sockets
+return to their level before the clients came, while the clients still hold their ends.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import socket
 import statistics
 import time
@@ -20,6 +23,7 @@ import orjson
 import psutil
 import pytest
 
+from aioqueue.web.hub import CLOSE_TIMEOUT, SEND_TIMEOUT
 from tests.support import ServeProcess, submit, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -27,6 +31,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 SLOW_CLIENTS, JOBS, SECONDS = 200, 10, 30.0
 #: The ceiling stated in the README: RSS may grow at most this much over its idle value.
 RSS_GROWTH_LIMIT = 100 * 2**20
+#: Seconds after a slow client's close is due for its socket to be gone from the served process.
+RELEASE_DEADLINE = 20.0
+#: Descriptors and sockets over the level before the test that still count as that level: the
+#: client that reads, and a keep-alive HTTP connection, may be open or not when we look.
+SLACK = 4
 
 
 def masked_text_frame(payload: bytes) -> bytes:
@@ -38,6 +47,14 @@ def masked_text_frame(payload: bytes) -> bytes:
 
 async def slow_client(host: str, port: int, channel: str) -> socket.socket:
     """Handshake and subscribe, then never read again."""
+    sock = await raw_websocket(host, port)
+    subscribe = orjson.dumps({"op": "subscribe", "channel": channel})
+    await asyncio.get_running_loop().sock_sendall(sock, masked_text_frame(subscribe))
+    return sock
+
+
+async def raw_websocket(host: str, port: int) -> socket.socket:
+    """A websocket handshake on a plain socket with a 4 KiB receive buffer."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -53,8 +70,6 @@ async def slow_client(host: str, port: int, channel: str) -> socket.socket:
     while b"\r\n\r\n" not in answer:
         answer += await loop.sock_recv(sock, 1024)
     assert answer.startswith(b"HTTP/1.1 101"), answer
-    subscribe = orjson.dumps({"op": "subscribe", "channel": channel})
-    await loop.sock_sendall(sock, masked_text_frame(subscribe))
     return sock
 
 
@@ -70,6 +85,26 @@ def closed_by_server(sock: socket.socket) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+def open_sockets(process: psutil.Process) -> tuple[int, int]:
+    """The process's open file descriptors, and its TCP sockets in state ESTABLISHED."""
+    connections = process.net_connections(kind="tcp")
+    established = sum(1 for conn in connections if conn.status == psutil.CONN_ESTABLISHED)
+    return process.num_fds(), established
+
+
+async def wait_released(
+    process: psutil.Process, level: tuple[int, int], deadline: float
+) -> tuple[float, tuple[int, int]]:
+    """Poll until fds and ESTABLISHED sockets are back within SLACK of `level`, or the
+    deadline (monotonic) passes; the time it happened and the last count."""
+    while True:
+        now = time.monotonic()
+        count = await asyncio.to_thread(open_sockets, process)
+        if all(n <= base + SLACK for n, base in zip(count, level, strict=True)) or now > deadline:
+            return now, count
+        await asyncio.sleep(0.5)
 
 
 @pytest.fixture
@@ -91,10 +126,16 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
         for _ in range(JOBS)
     ]
     host, port = server.url.removeprefix("http://").split(":")
+    before = open_sockets(process)
     sockets = [
         await slow_client(host, int(port), f"job:{jobs[n % JOBS]['id']}")
         for n in range(SLOW_CLIENTS)
     ]
+    during = open_sockets(process)
+    # The last client subscribed just now: its close is due once a frame waited SEND_TIMEOUT
+    # and the close handshake had its CLOSE_TIMEOUT.
+    close_due = time.monotonic() + SEND_TIMEOUT + CLOSE_TIMEOUT
+    released = asyncio.create_task(wait_released(process, before, close_due + RELEASE_DEADLINE))
     gaps: list[float] = []
     peak = idle_rss
     async with http.ws_connect(server.url + "/v1/ws") as fast:
@@ -111,6 +152,8 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
                 last = now
             if len(gaps) % 50 == 0:
                 peak = max(peak, process.memory_info().rss)
+    # Counted before the clients read or close anything: their ends are all still open.
+    released_at, after = await released
     closed = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, s) for s in sockets)))
     for sock in sockets:
         sock.close()
@@ -119,7 +162,36 @@ async def test_slow_clients_are_disconnected_and_memory_stays_bounded(
     print(
         f"\nslow clients {SLOW_CLIENTS}: disconnected {closed}; RSS idle {idle_rss / 2**20:.0f} MiB, "
         f"peak {peak / 2**20:.0f} MiB (+{growth / 2**20:.0f}); fast client p99 gap {1000 * p99:.0f} ms"
+        f"\nserved process fds/ESTABLISHED: before {before[0]}/{before[1]}, "
+        f"with the clients {during[0]}/{during[1]}, "
+        f"{released_at - close_due:+.1f} s after their close was due {after[0]}/{after[1]}"
     )
+    assert during[1] >= before[1] + SLOW_CLIENTS  # the count sees the clients at all
+    assert after[0] <= before[0] + SLACK and after[1] <= before[1] + SLACK
     assert growth < RSS_GROWTH_LIMIT
     assert closed == SLOW_CLIENTS
     assert p99 < 0.1
+
+
+async def test_a_client_that_sends_but_never_reads_is_still_closed(
+    server: ServeProcess, http: aiohttp.ClientSession
+) -> None:
+    """The server stops reading a client's frames while their replies are queued; that must not
+    spare a client that never reads: 4 MB of pings with nothing read is closed all the same."""
+    await wait_ready(http, server.url)
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = await raw_websocket(host, int(port))
+    ping = masked_text_frame(b'{"op": "ping"}')
+    loop = asyncio.get_running_loop()
+    # May stall once the server stops reading, and fails when the server resets the connection.
+    sending = asyncio.create_task(loop.sock_sendall(sock, ping * 200_000))
+    try:
+        deadline = time.monotonic() + SEND_TIMEOUT + 10
+        while not re.search(r"websocket client (has not read|too slow).*: closing", server.log()):
+            assert time.monotonic() < deadline, "the client that does not read is still served"
+            await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(closed_by_server, sock)
+    finally:
+        sending.cancel()
+        await asyncio.gather(sending, return_exceptions=True)
+        sock.close()

@@ -73,11 +73,17 @@ async def shutdown(web_app: web.Application) -> int:
     """G4, before the HTTP server stops: /readyz and submits answer 503, websockets close with
     1001, running jobs get `jobs.shutdown_grace` seconds and the rest are requeued."""
     state = web_app[STATE]
-    for conn in list(state.connections):
+    connections = list(state.connections)
+    for conn in connections:
         conn.close(WSCloseCode.GOING_AWAY, "server shutting down")
-    if state.service is None:
-        return 0
-    return await state.service.shutdown(state.settings.jobs.shutdown_grace)
+    try:
+        if state.service is None:
+            return 0
+        return await state.service.shutdown(state.settings.jobs.shutdown_grace)
+    finally:
+        # The close handshakes ran beside the grace; the HTTP server that comes down next must
+        # outlive them, or it drops connections before their clients' close frames come back.
+        await asyncio.gather(*(conn.wait_closed() for conn in connections))
 
 
 async def _close_websockets(web_app: web.Application) -> None:

@@ -6,17 +6,25 @@ reads slowly sees fewer progress updates, never an older one after a newer one. 
 closed with 1013 ("try again later") when its queue is full anyway, or when one frame has waited
 `SEND_TIMEOUT` seconds for the client to read (its socket buffers are full): the client
 reconnects and resubscribes, and the snapshot it gets then carries everything it missed (G5).
+The client's own frames are read only while the queue is less than half full: one that sends
+faster than it reads the replies is slowed down, and only a client that does not read fills it.
+
+The read loop runs in a task of the connection's own (`serve`), so that a close started here can
+stop it while it waits for the client: aiohttp's `close()` called beside a waiting `receive()`
+drops the connection at once, before the client's close frame (RFC 6455 §7.1.1), and an aiohttp
+client then reports 1006 instead of the code it was sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSMessage, WSMsgType, web
 
 from aioqueue.jobs import Job
 
@@ -24,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 #: Close code for a client whose send buffer overflowed: "try again later".
 CLOSE_SLOW = 1013
-#: How long a close handshake may take before the connection is dropped.
+#: How long a close handshake may take before the connection is dropped; also how long a close
+#: waits for the read loop to finish the frame it is handling.
 CLOSE_TIMEOUT = 1.0
 #: How long one frame may wait for a client that does not read before it is disconnected.
 SEND_TIMEOUT = 5.0
@@ -42,8 +51,46 @@ class Connection:
         self._queue: collections.deque[list[bytes | str | None]] = collections.deque()
         self._coalescing: dict[str, list[bytes | str | None]] = {}
         self._wake = asyncio.Event()
+        # Set while the queue is less than half full. The replies to one frame are one or two
+        # frames, and the other half is left for the hub's events.
+        self._room = asyncio.Event()
+        self._room.set()
+        self._pause_at = max(1, send_buffer // 2)
         self._closing = False
+        self._closed: asyncio.Task[None] | None = None  # the close handshake, once begun
+        self._reader: asyncio.Task[None] | None = None
+        self._idle = False  # the read loop waits for the client: safe to stop
         self._writer = asyncio.create_task(self._write_forever(), name="aioqueue-ws-writer")
+
+    async def serve(self, read_loop: Coroutine[Any, Any, None]) -> None:
+        """Run the read loop until either side closes, then wait for the close handshake.
+
+        The handler must not return before that: aiohttp drops the connection when it does.
+        """
+        self._reader = asyncio.create_task(read_loop, name="aioqueue-ws-reader")
+        try:
+            await self._reader
+        except asyncio.CancelledError:
+            if _cancelling():  # the handler itself is stopped (the HTTP server shuts down)
+                raise
+            # else close() stopped the read loop while it waited for the client
+        finally:
+            self._reader.cancel()
+        await self.wait_closed()
+
+    async def receive(self) -> WSMessage | None:
+        """The client's next message for the read loop, once the queue has room for its
+        replies; None once the connection closes."""
+        if self._closing:
+            return None
+        self._idle = True
+        try:
+            # aiohttp hands out frames already buffered without yielding, so without this wait
+            # a burst of pipelined frames would fill the queue before the writer ever ran.
+            await self._room.wait()
+            return await self.ws.receive()
+        finally:
+            self._idle = False
 
     def send(self, frame: bytes, coalesce: str | None = None) -> None:
         """Queue a frame; never blocks. Closes the connection if its buffer is full."""
@@ -60,6 +107,8 @@ class Connection:
         self._queue.append(slot)
         if coalesce is not None:
             self._coalescing[coalesce] = slot
+        if len(self._queue) >= self._pause_at:
+            self._room.clear()
         self._wake.set()
 
     async def _write_forever(self) -> None:
@@ -70,6 +119,8 @@ class Connection:
             frame, key = self._queue.popleft()
             if key is not None:
                 del self._coalescing[key]  # type: ignore[arg-type]
+            if len(self._queue) < self._pause_at:
+                self._room.set()
             assert isinstance(frame, bytes)
             try:
                 async with asyncio.timeout(SEND_TIMEOUT):
@@ -80,21 +131,54 @@ class Connection:
                 return
 
     def close(self, code: int, message: str) -> None:
-        """Stop writing and close the websocket in the background."""
+        """Stop writing and close the websocket in the background (`wait_closed`)."""
         if self._closing:
             return
         self._closing = True
         self._writer.cancel()
-        task = asyncio.create_task(self._close(code, message))
+        if self._idle and self._reader is not None:
+            self._reader.cancel()
+        self._closed = task = asyncio.create_task(self._close(code, message))
         _closing_tasks.add(task)
         task.add_done_callback(_closing_tasks.discard)
 
+    async def wait_closed(self) -> None:
+        """Wait for the close begun by `close()`, if any; it is bounded, and never raises."""
+        if self._closed is not None:
+            await asyncio.wait({self._closed})
+
     async def _close(self, code: int, message: str) -> None:
-        with contextlib.suppress(Exception):
+        try:
+            await self._stop_reading()
+            # With no receive() waiting, close() sends the close frame and then reads until the
+            # client's close frame comes back.
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=message.encode())
-                return
-        # The client does not read: its socket buffer is full and the close frame is stuck.
+        except asyncio.CancelledError:
+            # When the writer's send timeout fired, it cancelled the drain waiter that aiohttp
+            # shares between writes, and close() raises CancelledError at once: that is a
+            # failed close. Only a cancellation of this task itself goes on up.
+            if _cancelling():
+                raise
+        except Exception as exc:  # timed out, or the connection broke: the socket goes anyway
+            logger.debug("websocket close handshake failed: %r", exc)
+        finally:
+            # Whatever happened, the socket is released now. A client that does not read holds
+            # the close frame in a full send buffer, where transport.close() would wait for
+            # ever; after a completed handshake the transport is closed and this does nothing.
+            self._abort()
+
+    async def _stop_reading(self) -> None:
+        """Let the read loop finish the frame it handles (a submit waiting for its confirm)."""
+        reader = self._reader
+        if reader is None or reader.done():
+            return
+        _, pending = await asyncio.wait({reader}, timeout=CLOSE_TIMEOUT)
+        if pending:
+            reader.cancel()
+            await asyncio.wait({reader})
+
+    def _abort(self) -> None:
         transport = self.ws._req.transport if self.ws._req is not None else None
         if transport is not None:
             transport.abort()
@@ -107,6 +191,12 @@ class Connection:
 
 
 _closing_tasks: set[asyncio.Task[None]] = set()
+
+
+def _cancelling() -> bool:
+    """Whether the running task has been asked to stop (not merely handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Hub:

@@ -21,7 +21,7 @@ from aioqueue.errors import (
     NotReady,
     QueueFull,
 )
-from aioqueue.web.hub import Connection, job_frame
+from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
 from aioqueue.web.state import STATE, State
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,9 @@ class FrameError(Exception):
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    ws = web.WebSocketResponse(max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT)
+    ws = web.WebSocketResponse(
+        max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT, timeout=CLOSE_TIMEOUT
+    )
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
@@ -51,16 +53,22 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     conn = Connection(ws, state.settings.ws.send_buffer)
     state.connections.add(conn)
     try:
-        async for message in ws:
-            if message.type is WSMsgType.TEXT:
-                await _on_frame(state, conn, message.data)
-            elif message.type is WSMsgType.BINARY:
-                _send(conn, _error("bad_frame", "binary frames are not accepted; send JSON text"))
+        await conn.serve(_read_frames(state, conn))
     finally:
         state.connections.discard(conn)
         state.hub.drop(conn)
         await conn.drain()
     return ws
+
+
+async def _read_frames(state: State, conn: Connection) -> None:
+    while (message := await conn.receive()) is not None:
+        if message.type is WSMsgType.TEXT:
+            await _on_frame(state, conn, message.data)
+        elif message.type is WSMsgType.BINARY:
+            _send(conn, _error("bad_frame", "binary frames are not accepted; send JSON text"))
+        else:  # closed by the client, or the connection is lost
+            return
 
 
 async def _on_frame(state: State, conn: Connection, data: str) -> None:
