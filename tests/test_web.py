@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,7 +18,7 @@ from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
-from aioqueue.config import BrokerSettings, HttpSettings, JobsSettings, WsSettings
+from aioqueue.config import BrokerSettings, HttpSettings, JobsSettings, StoreSettings, WsSettings
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 
@@ -48,7 +49,7 @@ def make_app() -> App:
 
 @pytest.fixture
 def serve(
-    aiohttp_client: Callable[[web.Application], Awaitable[Client]], prefix: str
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]], prefix: str, tmp_path: Path
 ) -> Callable[[str], Awaitable[Client]]:
     """A factory: the app served on a broker, once /readyz says so."""
 
@@ -58,6 +59,7 @@ def serve(
             jobs=JobsSettings(shutdown_grace=0.2),
             http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
             ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
+            store=StoreSettings(dir=str(tmp_path)),
         )
         test_client = await aiohttp_client(create_app(make_app(), settings))
         deadline = time.monotonic() + 30
