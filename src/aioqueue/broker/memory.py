@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Collection
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
-from aioqueue.errors import QueueFull
+from aioqueue.errors import BrokerUnavailable, QueueFull
 
 #: Dead letters kept in memory; the oldest go first beyond this.
 DEAD_LETTERS_KEPT = 10_000
@@ -109,12 +109,14 @@ class MemoryBroker(Broker):
         return None if self._on_log is not None else "broker not started"
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
+        self._check_route(queue)  # before the log takes it
         if self._max_queue_length and self._queues[queue].qsize() >= self._max_queue_length:
             raise QueueFull("the queue is full (broker.max_queue_length)")
         self._log(LogKind.JOB, body)
         await self.publish(body, queue, delay, priority)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
+        self._check_route(queue)
         if delay <= 0:
             self.put(queue, body, priority)
             return
@@ -127,6 +129,15 @@ class MemoryBroker(Broker):
 
         timer = asyncio.get_running_loop().call_later(delay, due)
         self._timers.add(timer)
+
+    def _check_route(self, queue: str) -> None:
+        # As RabbitMQ returns a message no queue is bound to take (then BrokerUnavailable);
+        # checked for a delayed message too, which would otherwise be lost when due.
+        if queue not in self._queues:
+            raise BrokerUnavailable(
+                f"publish: could not route the message: no queue {queue!r} (this broker has"
+                f" {', '.join(sorted(self._queues)) or 'none'})"
+            )
 
     async def append(self, body: bytes) -> None:
         self._log(LogKind.EVENTS, body)
