@@ -24,18 +24,22 @@ class Recorder:
         self.arrived = asyncio.Event()
         self.logged = asyncio.Event()
         self.requeue_first = False
+        self.requeue_all = False
+        self.dead: list[tuple[bytes, str]] = []
+        self.died = asyncio.Event()
 
     def on_log(self, kind: LogKind, body: bytes) -> None:
         self.log.append((kind, body))
         self.logged.set()
 
     async def on_dead(self, body: bytes, reason: str) -> None:
-        pass
+        self.dead.append((body, reason))
+        self.died.set()
 
     async def on_delivery(self, delivery: Delivery) -> None:
         self.deliveries.append((time.monotonic(), delivery.body, delivery.redelivered))
         self.arrived.set()
-        if self.requeue_first and len(self.deliveries) == 1:
+        if self.requeue_all or (self.requeue_first and len(self.deliveries) == 1):
             await delivery.requeue()
         else:
             await delivery.ack()
@@ -51,8 +55,10 @@ class Recorder:
 async def started(broker_url: str, prefix: str) -> AsyncIterator[Callable[..., Any]]:
     brokers: list[Broker] = []
 
-    async def start(recorder: Recorder) -> Broker:
-        broker = make_broker(BrokerSettings(url=broker_url, prefix=prefix), result_ttl=60)
+    async def start(recorder: Recorder, **settings: Any) -> Broker:
+        broker = make_broker(
+            BrokerSettings(url=broker_url, prefix=prefix, **settings), result_ttl=60
+        )
         async with asyncio.timeout(30):
             await broker.start({"q"}, recorder.on_log, recorder.on_dead)
             await broker.consume("q", recorder.on_delivery)
@@ -97,6 +103,25 @@ async def test_a_requeued_message_comes_back_marked_redelivered(started: Any) ->
     assert [(body, again) for _, body, again in recorder.deliveries] == [
         (b"again", False),
         (b"again", True),
+    ]
+
+
+async def test_a_message_requeued_past_the_delivery_limit_is_dead_lettered(started: Any) -> None:
+    """As RabbitMQ's x-delivery-limit (measured on 3.10.8): with limit N the message is
+    delivered N + 1 times, then dead-lettered, and the broker's dead handler hears why."""
+    recorder = Recorder()
+    recorder.requeue_all = True
+    broker = await started(recorder, delivery_limit=2)
+    await broker.publish(b"poison", "q")
+    await recorder.wait_for(3, deadline=10)
+    async with asyncio.timeout(10):
+        await recorder.died.wait()
+    assert recorder.dead == [(b"poison", "delivery_limit")]
+    await asyncio.sleep(0.5)  # time for a fourth delivery, were there one
+    assert [(body, again) for _, body, again in recorder.deliveries] == [
+        (b"poison", False),
+        (b"poison", True),
+        (b"poison", True),
     ]
 
 

@@ -15,7 +15,7 @@ import pytest
 from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext, runner
 from aioqueue.broker.base import Delivery
 from aioqueue.config import BrokerSettings, JobsSettings
-from aioqueue.errors import QueueFull
+from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
 
@@ -141,6 +141,34 @@ async def dead_letter_ids(service: Service) -> list[str]:
         while (message := await queue.get(fail=False, no_ack=False)) is not None:
             ids.append(orjson.loads(message.body)["id"])
         return ids  # the channel closes unacked: the messages stay in the queue
+
+
+async def test_a_job_requeued_past_the_delivery_limit_is_recorded_dead(
+    make_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every requeue counts toward broker.delivery_limit, on memory:// as on RabbitMQ: a job
+    whose outcome can never be recorded runs limit + 1 times, then is `dead`, dead-lettered."""
+    monkeypatch.setattr(runner, "REQUEUE_AFTER", 0.05)
+    app = App()
+    runs: list[int] = []
+
+    @app.task
+    async def unrecordable(ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        # What a task meets when the broker goes away under it (in ctx.submit, say): no outcome
+        # can be recorded, so the runner gives the message back.
+        raise BrokerUnavailable("the broker went away")
+
+    service = await make_service(app, broker={"delivery_limit": 2})
+    job = await service.submit({"task": "unrecordable"})
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "dead" and done.error is not None
+    assert done.error["message"] == "dead-lettered by the broker: delivery_limit"
+    assert runs == [1, 1, 1]
+    # RabbitMQ keeps the message in the DLQ just after the job is recorded dead.
+    async with asyncio.timeout(10):
+        while job.id not in await dead_letter_ids(service):  # noqa: ASYNC110 - polls the broker
+            await asyncio.sleep(0.1)
 
 
 async def test_per_job_max_attempts_overrides_the_task(make_service: Any) -> None:

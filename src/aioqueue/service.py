@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 def make_broker(settings: BrokerSettings, result_ttl: int) -> Broker:
     if settings.url.startswith("memory:"):
-        return MemoryBroker(prefetch=settings.prefetch, max_queue_length=settings.max_queue_length)
+        return MemoryBroker(settings.prefetch, settings.max_queue_length, settings.delivery_limit)
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
     return AmqpBroker(settings, result_ttl=result_ttl)
