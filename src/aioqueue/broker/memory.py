@@ -66,6 +66,8 @@ class MemoryBroker(Broker):
         #: Per queue: (-priority, arrival, delivery), so higher priorities come out first.
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, MemoryDelivery]]] = {}
         self._arrivals = itertools.count()
+        #: Per queue: messages out of their delay that found it full, waiting for room in order.
+        self._waiting: dict[str, collections.deque[tuple[bytes, int]]] = {}
         self._credit: dict[str, asyncio.Semaphore] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -82,6 +84,7 @@ class MemoryBroker(Broker):
         self._on_log, self._on_dead = on_log, on_dead
         for name in queues:
             self._queues[name] = asyncio.PriorityQueue()
+            self._waiting[name] = collections.deque()
             self._credit[name] = asyncio.Semaphore(self._prefetch)
 
     async def consume(self, queue: str, handler: DeliveryHandler) -> None:
@@ -91,6 +94,7 @@ class MemoryBroker(Broker):
         while True:
             await self._credit[queue].acquire()
             *_, delivery = await self._queues[queue].get()
+            self._admit_waiting(queue)
             self._spawn(handler(delivery))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
@@ -145,15 +149,16 @@ class MemoryBroker(Broker):
         return None if self._on_log is not None else "broker not started"
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
-        self._check_route(queue)  # before the log takes it
-        if self._max_queue_length and self._queues[queue].qsize() >= self._max_queue_length:
-            raise QueueFull("the queue is full (broker.max_queue_length)")
+        self._check_route(queue)  # both before the log takes it
+        if delay <= 0:
+            self._check_room(queue)
         self._log(LogKind.JOB, body)
         await self.publish(body, queue, delay, priority)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         self._check_route(queue)
         if delay <= 0:
+            self._check_room(queue)
             self.put(queue, body, priority)
             return
         timer: asyncio.TimerHandle | None = None
@@ -161,10 +166,33 @@ class MemoryBroker(Broker):
         def due() -> None:
             assert timer is not None
             self._timers.discard(timer)
-            self.put(queue, body, priority)
+            self._waiting[queue].append((body, priority))
+            self._admit_waiting(queue)
 
         timer = asyncio.get_running_loop().call_later(delay, due)
         self._timers.add(timer)
+
+    def _full(self, queue: str) -> bool:
+        # Ready messages only, as RabbitMQ counts them: those handed to a consumer do not count.
+        return 0 < self._max_queue_length <= self._queues[queue].qsize()
+
+    def _check_room(self, queue: str) -> None:
+        # As x-max-length with reject-publish: every publish into a full queue is refused, a
+        # retry's as well as a submit's. Delayed ones go to the delay queues, which always
+        # take them, and wait for room when due (see `_admit_waiting`).
+        if self._full(queue):
+            raise QueueFull("the queue is full (broker.max_queue_length)")
+
+    def _admit_waiting(self, queue: str) -> None:
+        """Move messages out of their delay into the queue while it has room.
+
+        RabbitMQ's at-least-once dead-lettering out of the delay queues keeps a message that its
+        full queue refused, and tries again later: nothing is lost, nothing jumps the limit.
+        """
+        waiting = self._waiting[queue]
+        while waiting and not self._full(queue):
+            body, priority = waiting.popleft()
+            self.put(queue, body, priority)
 
     def _check_route(self, queue: str) -> None:
         # As RabbitMQ returns a message no queue is bound to take (then BrokerUnavailable);
