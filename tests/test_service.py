@@ -454,6 +454,45 @@ async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: An
     assert (await until_terminal(service, accepted.id)).status.value == "succeeded"
 
 
+async def test_a_retry_that_meets_a_full_queue_waits_and_keeps_its_attempts(
+    make_service: Any,
+) -> None:
+    """A full queue refuses a retry's publish as it refuses a submit: the retry then waits for
+    room (through the delay queues), rather than the same attempt running again and again
+    until the delivery limit makes the job dead."""
+    app = make_app([])
+    fail_first = asyncio.Event()
+    attempts: list[int] = []
+
+    @app.task(queue="narrow", max_attempts=3, retry_backoff=0.0)
+    async def flaky(ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await fail_first.wait()  # fails once the queue behind it is full
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    @app.task(queue="narrow")
+    async def quick() -> None:
+        pass
+
+    service = await make_service(
+        app, broker={"max_queue_length": 1, "prefetch": 1, "delivery_limit": 1}
+    )
+    job = await service.submit({"task": "flaky"})
+    await service.store.wait_for(job.id, lambda j: j.status is JobStatus.RUNNING, 10)
+    waiting: list[Job] = []
+    with pytest.raises(QueueFull):  # a quorum queue takes one past its limit
+        for _ in range(3):
+            waiting.append(await service.submit({"task": "quick"}))
+    fail_first.set()
+    done = await until_terminal(service, job.id, deadline=30)
+    assert (done.status, done.attempt) == (JobStatus.FAILED, 3), done.error
+    assert done.error is not None and done.error["message"] == "attempt 3"
+    assert attempts == [1, 2, 3]
+    for other in waiting:
+        assert (await until_terminal(service, other.id)).status is JobStatus.SUCCEEDED
+
+
 async def test_higher_priorities_start_before_a_backlog_of_lower_ones(make_service: Any) -> None:
     """Priority holds within a queue: 3 urgent jobs submitted behind 20 others overtake them.
 
