@@ -631,6 +631,39 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
     assert ran.count("urgent") == 1
 
 
+async def eventually(check: Callable[[], bool], deadline: float) -> None:
+    """Poll `check` every 10 ms until it holds; TimeoutError at the deadline."""
+    async with asyncio.timeout(deadline):
+        while not check():  # noqa: ASYNC110 - readiness has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "broker_url", [pytest.param("amqp", marks=pytest.mark.amqp)], indirect=True
+)
+async def test_a_consumer_cancelled_by_the_broker_is_noticed_and_the_service_recovers(
+    make_service: Any,
+) -> None:
+    """RabbitMQ cancels the consumer of a deleted queue (basic.cancel) and leaves its channel
+    open. The service must not stay ready with no consumer: problem() says so at once, then the
+    service declares the queue again, attaches its consumer, and runs jobs."""
+    import aio_pika
+
+    service = await make_service(make_app([]))
+    assert service.problem() is None
+    name = service.broker.queue_name("default")
+    async with await aio_pika.connect(service.settings.broker.url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await eventually(lambda: service.problem() is not None, deadline=5)
+        assert name in (service.problem() or "")
+        await eventually(lambda: service.problem() is None, deadline=30)
+        queue = await channel.declare_queue(name, passive=True)  # raises if not declared
+        assert queue.declaration_result.consumer_count == 1
+    job = await service.submit({"task": "add", "args": [1]})
+    assert (await until_terminal(service, job.id)).status is JobStatus.SUCCEEDED
+
+
 @pytest.mark.parametrize(
     "run_at", ["2000-01-01t00:00:00z", "2000-01-01T00:00:00.5+02:00", "2000-01-01 00:00:00Z"]
 )
