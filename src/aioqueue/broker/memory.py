@@ -1,8 +1,9 @@
 """The embedded broker behind `memory://`: one process, nothing installed, nothing durable.
 
 It keeps the same promises as the RabbitMQ broker within one process's lifetime (ordered log,
-bounded prefetch, ack after outcome, delays), so a newcomer sees the real behaviour; everything
-is lost when the process stops, which `serve` says loudly at start-up.
+bounded prefetch, ack after outcome, delays, the delivery limit, the queue length limit, the
+same errors), so a newcomer sees the real behaviour; everything is lost when the process stops,
+which `serve` says loudly at start-up.
 """
 
 from __future__ import annotations
