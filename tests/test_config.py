@@ -1,12 +1,16 @@
 """aioqueue.config: defaults < config.toml < environment < overrides, and one-line errors."""
 
 import dataclasses
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from aioqueue.config import Settings, describe, env_name, load
 from aioqueue.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -230,3 +234,38 @@ def test_every_described_key_loads_from_its_env_var_default() -> None:
     """Setting each env var to its own default is accepted and changes nothing."""
     env = {name: "" if default is None else str(default) for _, name, default in describe()}
     assert load(environ=env) == Settings()
+
+
+def test_the_repository_config_toml_is_read_by_default_and_holds_the_defaults(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """./config.toml at the repository root is read when no other file is named, and sets every
+    key to its built-in default: tests and `aioqueue serve` run from there see no difference."""
+    monkeypatch.chdir(ROOT)
+    settings = load(environ={})
+    assert settings.source == str(ROOT / "config.toml")
+    assert dataclasses.replace(settings, source=None) == Settings()
+
+
+def test_the_repository_config_toml_names_every_key_with_a_comment() -> None:
+    """Every key describe() lists is in config.toml, set or (app, which has no default) commented
+    out, each with its one-line comment: the file and the settings cannot drift apart."""
+    text = (ROOT / "config.toml").read_text()
+    data = tomllib.loads(text)
+    named = {key for key, value in data.items() if not isinstance(value, dict)}
+    named |= {
+        f"{name}.{key}" for name, table in data.items() if isinstance(table, dict) for key in table
+    }
+    top = text.split("\n[", 1)[0]
+    commented = set(re.findall(r"(?m)^# (\w+) = ", top))
+    assert commented == {"app"}
+    assert named | commented == {key for key, _, _ in describe()}
+    settings = [line for line in text.splitlines() if re.match(r"(# )?\w+ = ", line)]
+    assert len(settings) == len(describe())
+    assert all(re.search(r" +# \S", line.split(" = ", 1)[1]) for line in settings), settings
+
+
+def test_the_readme_shows_the_repository_config_toml_as_it_is() -> None:
+    """The configuration section of the README is the file itself, so neither drifts."""
+    config = (ROOT / "config.toml").read_text()
+    assert f"```toml\n{config}```\n" in (ROOT / "README.md").read_text()

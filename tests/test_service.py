@@ -16,7 +16,7 @@ import pytest
 from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings, SyncContext, runner
 from aioqueue.broker.base import Delivery
 from aioqueue.config import BrokerSettings, JobsSettings, StoreSettings
-from aioqueue.errors import QueueFull
+from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
 
@@ -145,6 +145,34 @@ async def dead_letter_ids(service: Service) -> list[str]:
         while (message := await queue.get(fail=False, no_ack=False)) is not None:
             ids.append(orjson.loads(message.body)["id"])
         return ids  # the channel closes unacked: the messages stay in the queue
+
+
+async def test_a_job_requeued_past_the_delivery_limit_is_recorded_dead(
+    make_service: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every requeue counts toward broker.delivery_limit, on memory:// as on RabbitMQ: a job
+    whose outcome can never be recorded runs limit + 1 times, then is `dead`, dead-lettered."""
+    monkeypatch.setattr(runner, "REQUEUE_AFTER", 0.05)
+    app = App()
+    runs: list[int] = []
+
+    @app.task
+    async def unrecordable(ctx: Context) -> None:
+        runs.append(ctx.attempt)
+        # What a task meets when the broker goes away under it (in ctx.submit, say): no outcome
+        # can be recorded, so the runner gives the message back.
+        raise BrokerUnavailable("the broker went away")
+
+    service = await make_service(app, broker={"delivery_limit": 2})
+    job = await service.submit({"task": "unrecordable"})
+    done = await until_terminal(service, job.id)
+    assert done.status.value == "dead" and done.error is not None
+    assert done.error["message"] == "dead-lettered by the broker: delivery_limit"
+    assert runs == [1, 1, 1]
+    # RabbitMQ keeps the message in the DLQ just after the job is recorded dead.
+    async with asyncio.timeout(10):
+        while job.id not in await dead_letter_ids(service):  # noqa: ASYNC110 - polls the broker
+            await asyncio.sleep(0.1)
 
 
 async def test_per_job_max_attempts_overrides_the_task(make_service: Any) -> None:
@@ -430,6 +458,45 @@ async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: An
     assert (await until_terminal(service, accepted.id)).status.value == "succeeded"
 
 
+async def test_a_retry_that_meets_a_full_queue_waits_and_keeps_its_attempts(
+    make_service: Any,
+) -> None:
+    """A full queue refuses a retry's publish as it refuses a submit: the retry then waits for
+    room (through the delay queues), rather than the same attempt running again and again
+    until the delivery limit makes the job dead."""
+    app = make_app([])
+    fail_first = asyncio.Event()
+    attempts: list[int] = []
+
+    @app.task(queue="narrow", max_attempts=3, retry_backoff=0.0)
+    async def flaky(ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await fail_first.wait()  # fails once the queue behind it is full
+        raise RuntimeError(f"attempt {ctx.attempt}")
+
+    @app.task(queue="narrow")
+    async def quick() -> None:
+        pass
+
+    service = await make_service(
+        app, broker={"max_queue_length": 1, "prefetch": 1, "delivery_limit": 1}
+    )
+    job = await service.submit({"task": "flaky"})
+    await service.store.wait_for(job.id, lambda j: j.status is JobStatus.RUNNING, 10)
+    waiting: list[Job] = []
+    with pytest.raises(QueueFull):  # a quorum queue takes one past its limit
+        for _ in range(3):
+            waiting.append(await service.submit({"task": "quick"}))
+    fail_first.set()
+    done = await until_terminal(service, job.id, deadline=30)
+    assert (done.status, done.attempt) == (JobStatus.FAILED, 3), done.error
+    assert done.error is not None and done.error["message"] == "attempt 3"
+    assert attempts == [1, 2, 3]
+    for other in waiting:
+        assert (await until_terminal(service, other.id)).status is JobStatus.SUCCEEDED
+
+
 async def test_higher_priorities_start_before_a_backlog_of_lower_ones(make_service: Any) -> None:
     """Priority holds within a queue: 3 urgent jobs submitted behind 20 others overtake them.
 
@@ -566,6 +633,39 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
     assert (await until_terminal(second, long.id)).status.value == "cancelled"
     assert (await until_terminal(second, urgent.id)).status.value == "succeeded"
     assert ran.count("urgent") == 1
+
+
+async def eventually(check: Callable[[], bool], deadline: float) -> None:
+    """Poll `check` every 10 ms until it holds; TimeoutError at the deadline."""
+    async with asyncio.timeout(deadline):
+        while not check():  # noqa: ASYNC110 - readiness has no event to wait on
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "broker_url", [pytest.param("amqp", marks=pytest.mark.amqp)], indirect=True
+)
+async def test_a_consumer_cancelled_by_the_broker_is_noticed_and_the_service_recovers(
+    make_service: Any,
+) -> None:
+    """RabbitMQ cancels the consumer of a deleted queue (basic.cancel) and leaves its channel
+    open. The service must not stay ready with no consumer: problem() says so at once, then the
+    service declares the queue again, attaches its consumer, and runs jobs."""
+    import aio_pika
+
+    service = await make_service(make_app([]))
+    assert service.problem() is None
+    name = service.broker.queue_name("default")
+    async with await aio_pika.connect(service.settings.broker.url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+        await eventually(lambda: service.problem() is not None, deadline=5)
+        assert name in (service.problem() or "")
+        await eventually(lambda: service.problem() is None, deadline=30)
+        queue = await channel.declare_queue(name, passive=True)  # raises if not declared
+        assert queue.declaration_result.consumer_count == 1
+    job = await service.submit({"task": "add", "args": [1]})
+    assert (await until_terminal(service, job.id)).status is JobStatus.SUCCEEDED
 
 
 @pytest.mark.parametrize(

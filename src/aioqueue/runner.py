@@ -31,7 +31,7 @@ import orjson
 from aioqueue.broker.base import Broker, Delivery
 from aioqueue.config import JobsSettings
 from aioqueue.context import Context, SyncContext
-from aioqueue.errors import BrokerUnavailable
+from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.eventlog import EventLog
 from aioqueue.gate import PriorityGate
 from aioqueue.jobs import Job, JobStatus
@@ -48,6 +48,9 @@ REQUEUE_AFTER = 1.0
 #: Seconds past its timeout that a redelivered copy waits for a first copy running here: time
 #: for the first copy to record its outcome (each write waits a heartbeat at most) and settle.
 FIRST_COPY_MARGIN = 60.0
+#: Seconds at least that a retry refused by its full queue waits in the delay queues, which
+#: always take it; when due, it waits there for room. (RabbitMQ's delays are whole seconds.)
+FULL_QUEUE_RETRY_DELAY = 1.0
 SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
@@ -322,17 +325,35 @@ class Runner:
             await self._broker.dead_letter(body, "failed")
             await self._log.append(event(job_id, "failed", attempt, error=error))
             return
-        delay = self._backoff(task, attempt)
-        await self._broker.publish(
-            orjson.dumps({**spec, "attempt": attempt + 1}),
-            spec["queue"],
-            delay,
-            spec.get("priority", 0),
-        )
+        delay = await self._publish_retry(spec, self._backoff(task, attempt))
         scheduled_for = time.time() + delay
         await self._log.append(
             event(job_id, "retrying", attempt, error=error, scheduled_for=scheduled_for)
         )
+
+    async def _publish_retry(self, spec: dict[str, Any], delay: float) -> float:
+        """Publish the next attempt's message, after `delay` seconds or later; returns when.
+
+        A full queue refuses it as it refuses a submit (QueueFull). Left to the caller, that
+        would requeue the delivery: this attempt would run again, and each requeue counts toward
+        the delivery limit, so the job could end `dead` without its attempts. Through the delay
+        queues instead, the retry waits for room, and this attempt is over.
+        """
+        body = orjson.dumps({**spec, "attempt": spec["attempt"] + 1})
+        queue, priority = spec["queue"], spec.get("priority", 0)
+        try:
+            await self._broker.publish(body, queue, delay, priority)
+        except QueueFull:
+            delay = max(delay, FULL_QUEUE_RETRY_DELAY)
+            logger.info(
+                "job %s attempt %d: queue %s is full, the retry waits %g s and then for room",
+                spec["id"],
+                spec["attempt"],
+                queue,
+                delay,
+            )
+            await self._broker.publish(body, queue, delay, priority)
+        return delay
 
     def _backoff(self, task: Task[Any, Any], attempt: int) -> float:
         """Full jitter: uniform in [0, min(cap, base * 2^(n-1))] before the n-th retry."""

@@ -36,7 +36,7 @@ def make_broker(
     settings: BrokerSettings, log_max_bytes: int = StoreSettings().log_max_bytes
 ) -> Broker:
     if settings.url.startswith("memory:"):
-        return MemoryBroker(prefetch=settings.prefetch, max_queue_length=settings.max_queue_length)
+        return MemoryBroker(settings.prefetch, settings.max_queue_length, settings.delivery_limit)
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
     return AmqpBroker(settings, log_max_bytes)

@@ -157,6 +157,21 @@ class _Session:
     def _on_close(self, *_: Any) -> None:
         self.lost.set()
 
+    def watch_consumer(self, channel: RawChannel, queue: str) -> None:
+        """End the session when the broker cancels the consumer of `queue` on `channel`.
+
+        RabbitMQ cancels the consumers of a deleted queue (basic.cancel; aiormq calls the
+        channel's consumer-cancel callbacks) and leaves their channel open, so nothing else
+        would end the session: the process would stay ready with no consumer. The next session
+        declares the queue again and attaches every consumer.
+        """
+
+        def on_cancel(_: aiormq.spec.Basic.Cancel) -> None:
+            self.consumers.pop(queue, None)
+            self.end(f"RabbitMQ cancelled the consumer of {queue} (queue deleted?); reconnecting")
+
+        channel.on_consumer_cancel_callbacks.add(on_cancel)
+
     def end(self, why: str) -> None:
         if not self.lost.is_set():
             self.why = why
@@ -398,6 +413,7 @@ class AmqpBroker(Broker):
         # Consumers use aiormq's channel directly: aio-pika's message objects cost more CPU per
         # delivery than the rest of a delivery's handling, on the busiest path.
         channel = await (await self._channel(session)).get_underlay_channel()
+        session.watch_consumer(channel, queue)
         await channel.basic_qos(prefetch_count=prefetch)
         await channel.queue_declare(queue, passive=True)
         return channel
@@ -510,6 +526,8 @@ class AmqpBroker(Broker):
         if self._problem is not None:
             return self._problem
         session = self._session
+        if session is not None and session.lost.is_set():  # ended, not yet torn down
+            return session.why or "connection to RabbitMQ lost; reconnecting"
         missing = [
             queue
             for queue in self._handlers

@@ -1,8 +1,9 @@
 """The embedded broker behind `memory://`: one process, nothing installed, nothing durable.
 
 It keeps the same promises as the RabbitMQ broker within one process's lifetime (ordered log,
-bounded prefetch, ack after outcome, delays), so a newcomer sees the real behaviour; everything
-is lost when the process stops, which `serve` says loudly at start-up.
+bounded prefetch, ack after outcome, delays, the delivery limit, the queue length limit, the
+same errors), so a newcomer sees the real behaviour; everything is lost when the process stops,
+which `serve` says loudly at start-up.
 """
 
 from __future__ import annotations
@@ -10,57 +11,71 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-from collections.abc import Collection
+import logging
+from collections.abc import Collection, Coroutine
+from typing import Any
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
-from aioqueue.errors import QueueFull
+from aioqueue.errors import BrokerUnavailable, QueueFull
+
+logger = logging.getLogger(__name__)
 
 #: Dead letters kept in memory; the oldest go first beyond this.
 DEAD_LETTERS_KEPT = 10_000
 
 
 class MemoryDelivery(Delivery):
-    __slots__ = ("_broker", "_queue", "_settled", "body", "priority", "redelivered")
+    __slots__ = ("_broker", "_queue", "_settled", "body", "priority", "redelivered", "returns")
 
     def __init__(
-        self, broker: MemoryBroker, queue: str, body: bytes, priority: int, redelivered: bool
+        self, broker: MemoryBroker, queue: str, body: bytes, priority: int, returns: int
     ) -> None:
         self._broker = broker
         self._queue = queue
         self.body = body
         self.priority = priority
-        self.redelivered = redelivered
+        #: Times the message went back to its queue before (RabbitMQ's x-delivery-count).
+        self.returns = returns
+        self.redelivered = returns > 0
         self._settled = False
 
     async def ack(self) -> None:
         self._settle()
 
     async def requeue(self) -> None:
-        self._settle()
-        self._broker.put(self._queue, self.body, self.priority, redelivered=True)
+        if self._settle():  # once: a second requeue would count as another return
+            self._broker.give_back(self._queue, self.body, self.priority, self.returns + 1)
 
-    def _settle(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._broker.release(self._queue)
+    def _settle(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        self._broker.release(self._queue)
+        return True
 
 
 class MemoryBroker(Broker):
     durable = False
     delay_resolution = 0.0
 
-    def __init__(self, prefetch: int, max_queue_length: int = 0) -> None:
+    def __init__(
+        self, prefetch: int, max_queue_length: int = 0, delivery_limit: int | None = None
+    ) -> None:
         self._prefetch = prefetch
         self._max_queue_length = max_queue_length
+        self._delivery_limit = delivery_limit
         #: Per queue: (-priority, arrival, delivery), so higher priorities come out first.
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, MemoryDelivery]]] = {}
         self._arrivals = itertools.count()
+        #: Per queue: messages out of their delay that found it full, waiting for room in order.
+        self._waiting: dict[str, collections.deque[tuple[bytes, int]]] = {}
         self._credit: dict[str, asyncio.Semaphore] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._on_log: LogHandler | None = None
         self._offsets = itertools.count()
+        self._on_dead: DeadHandler | None = None
         self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque(
             maxlen=DEAD_LETTERS_KEPT
         )
@@ -72,9 +87,10 @@ class MemoryBroker(Broker):
         on_dead: DeadHandler,
         after: int | None = None,
     ) -> None:
-        self._on_log = on_log
+        self._on_log, self._on_dead = on_log, on_dead
         for name in queues:
             self._queues[name] = asyncio.PriorityQueue()
+            self._waiting[name] = collections.deque()
             self._credit[name] = asyncio.Semaphore(self._prefetch)
 
     async def consume(self, queue: str, handler: DeliveryHandler) -> None:
@@ -84,13 +100,38 @@ class MemoryBroker(Broker):
         while True:
             await self._credit[queue].acquire()
             *_, delivery = await self._queues[queue].get()
-            task = asyncio.create_task(handler(delivery))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._admit_waiting(queue)
+            self._spawn(handler(delivery))
 
-    def put(self, queue: str, body: bytes, priority: int = 0, redelivered: bool = False) -> None:
-        delivery = MemoryDelivery(self, queue, body, priority, redelivered)
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def put(self, queue: str, body: bytes, priority: int = 0, returns: int = 0) -> None:
+        delivery = MemoryDelivery(self, queue, body, priority, returns)
         self._queues[queue].put_nowait((-priority, next(self._arrivals), delivery))
+
+    def give_back(self, queue: str, body: bytes, priority: int, returns: int) -> None:
+        """A requeued message: back to its queue, or dead-lettered past the delivery limit.
+
+        As a quorum queue's x-delivery-limit (measured on RabbitMQ 3.10.8): with limit N, the
+        message is dead-lettered when it comes back for the (N+1)-th time, after N + 1
+        deliveries, and the dead handler records the job `dead`.
+        """
+        if self._delivery_limit is not None and returns > self._delivery_limit:
+            self._spawn(self._dead_lettered(body, "delivery_limit"))
+        else:
+            self.put(queue, body, priority, returns)
+
+    async def _dead_lettered(self, body: bytes, reason: str) -> None:
+        # What AmqpBroker's consumer of dead letters does: keep the message, report it.
+        self.dead_letters.append((body, reason))
+        assert self._on_dead is not None
+        try:
+            await self._on_dead(body, reason)
+        except BrokerUnavailable as exc:  # only while shutting down: the log is closed
+            logger.warning("a message dead-lettered (%s) was not recorded: %s", reason, exc)
 
     def release(self, queue: str) -> None:
         self._credit[queue].release()
@@ -114,13 +155,16 @@ class MemoryBroker(Broker):
         return None if self._on_log is not None else "broker not started"
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
-        if self._max_queue_length and self._queues[queue].qsize() >= self._max_queue_length:
-            raise QueueFull("the queue is full (broker.max_queue_length)")
+        self._check_route(queue)  # both before the log takes it
+        if delay <= 0:
+            self._check_room(queue)
         self._log(LogKind.JOB, body)
         await self.publish(body, queue, delay, priority)
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
+        self._check_route(queue)
         if delay <= 0:
+            self._check_room(queue)
             self.put(queue, body, priority)
             return
         timer: asyncio.TimerHandle | None = None
@@ -128,10 +172,42 @@ class MemoryBroker(Broker):
         def due() -> None:
             assert timer is not None
             self._timers.discard(timer)
-            self.put(queue, body, priority)
+            self._waiting[queue].append((body, priority))
+            self._admit_waiting(queue)
 
         timer = asyncio.get_running_loop().call_later(delay, due)
         self._timers.add(timer)
+
+    def _full(self, queue: str) -> bool:
+        # Ready messages only, as RabbitMQ counts them: those handed to a consumer do not count.
+        return 0 < self._max_queue_length <= self._queues[queue].qsize()
+
+    def _check_room(self, queue: str) -> None:
+        # As x-max-length with reject-publish: every publish into a full queue is refused, a
+        # retry's as well as a submit's. Delayed ones go to the delay queues, which always
+        # take them, and wait for room when due (see `_admit_waiting`).
+        if self._full(queue):
+            raise QueueFull("the queue is full (broker.max_queue_length)")
+
+    def _admit_waiting(self, queue: str) -> None:
+        """Move messages out of their delay into the queue while it has room.
+
+        RabbitMQ's at-least-once dead-lettering out of the delay queues keeps a message that its
+        full queue refused, and tries again later: nothing is lost, nothing jumps the limit.
+        """
+        waiting = self._waiting[queue]
+        while waiting and not self._full(queue):
+            body, priority = waiting.popleft()
+            self.put(queue, body, priority)
+
+    def _check_route(self, queue: str) -> None:
+        # As RabbitMQ returns a message no queue is bound to take (then BrokerUnavailable);
+        # checked for a delayed message too, which would otherwise be lost when due.
+        if queue not in self._queues:
+            raise BrokerUnavailable(
+                f"publish: could not route the message: no queue {queue!r} (this broker has"
+                f" {', '.join(sorted(self._queues)) or 'none'})"
+            )
 
     async def append(self, body: bytes) -> None:
         self._log(LogKind.EVENTS, body)

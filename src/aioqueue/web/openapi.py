@@ -401,7 +401,7 @@ def _paths(submit_body: Any) -> dict[str, Any]:
             "post": {
                 "operationId": "retryJob",
                 "summary": "Run a failed, dead or cancelled job again (same id, attempt 1)",
-                "responses": {"202": _ok("queued again", job), **_errors(400, 404, 409, 503)},
+                "responses": {"202": _ok("queued again", job), **_errors(400, 404, 409, 429, 503)},
             },
         },
         "/v1/tasks": {
