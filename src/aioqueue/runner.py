@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from aioqueue.admission import Admission, Decision, FirstCopy, Message, admit
 from aioqueue.broker.base import Broker, Delivery
 from aioqueue.config import JobsSettings
 from aioqueue.context import Context, SyncContext
@@ -51,6 +52,11 @@ FIRST_COPY_MARGIN = 60.0
 #: Seconds at least that a retry refused by its full queue waits in the delay queues, which
 #: always take it; when due, it waits there for room. (RabbitMQ's delays are whole seconds.)
 FULL_QUEUE_RETRY_DELAY = 1.0
+#: What a message that dies before it runs is recorded as: error type, dead-letter reason.
+DEATHS = {
+    Admission.EXPIRED: ("Expired", "expired"),
+    Admission.NO_TASK: ("UnknownTask", "unknown task"),
+}
 SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
@@ -202,75 +208,81 @@ class Runner:
         await self._log.append(event(spec["id"], "dead", spec["attempt"], error=error))
 
     async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
-        job_id, attempt = spec["id"], spec["attempt"]
+        """Catch up with the log, decide (`admission.admit`), act."""
+        job_id = spec["id"]
         if self._store.is_duplicate(job_id):
             logger.info("job %s repeated an idempotency key another job holds: not run", job_id)
             await delivery.ack()
             return
+        message = Message(spec.get("run", 0), spec["attempt"], delivery.redelivered)
+        job = await self._catch_up(job_id, message)
+        first = self.running.get(job_id)
+        task_known = spec["task"] in self._tasks
+        copy = FirstCopy.NONE if first is None else FirstCopy.RUNNING
+        decision = admit(job, message, copy, task_known, time.time())
+        if decision.admission is Admission.WAIT:
+            assert first is not None
+            if not await self._first_copy_ended(first, spec):
+                await delivery.requeue()
+                return
+            job = self._store.get(job_id)
+            decision = admit(job, message, FirstCopy.ENDED, task_known, time.time())
+        await self._act(decision, delivery, spec)
+
+    async def _catch_up(self, job_id: str, message: Message) -> Job | None:
+        """The job's record once the store has applied what the message implies it knows."""
         # A new job's message can arrive before its `queued` entry comes through the log, which
         # holds it already: wait for that rather than publish a barrier.
         job = await self._store.wait_known(job_id, KNOWN_WITHIN)
-        run = spec.get("run", 0)
-        if job is not None and run > job.run:
+        if job is not None and message.run > job.run:
             # A retried job's message can come before its `retried` event: wait for that.
-            job = await self._store.wait_for(job_id, lambda j: j.run >= run, KNOWN_WITHIN)
-        if delivery.redelivered or job is None or attempt > job.attempt:
+            job = await self._store.wait_for(job_id, lambda j: j.run >= message.run, KNOWN_WITHIN)
+        if message.redelivered or job is None or message.attempt > job.attempt:
             await self._log.barrier()
             job = self._store.get(job_id)
-        if job is None:
-            # The store keeps every job until it is terminal, and then for result_ttl: this is
-            # a finished job forgotten since (a job cancelled while its message waited), or a
-            # state lost. Never run it; keep the message where an operator can look.
-            logger.warning(
-                "job %s: a message of a job this store does not know: kept as dead letter, not run",
+        return job
+
+    async def _first_copy_ended(self, running: asyncio.Task[Any], spec: dict[str, Any]) -> bool:
+        """Wait for a first copy of the job running here (the broker closed the channel under
+        it: consumer_timeout, say); False if it outlives its timeout plus a margin."""
+        job_id, attempt = spec["id"], spec["attempt"]
+        logger.info("job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt)
+        done, _ = await asyncio.wait([running], timeout=spec["timeout"] + FIRST_COPY_MARGIN)
+        if not done:
+            # A bug (every step of a run is bounded): rather than hold this slot for ever, this
+            # copy goes back, to find the outcome or run after its delivery limit.
+            logger.error(
+                "job %s attempt %d: its first copy is still running, requeued; it waits at:\n%s",
                 job_id,
+                attempt,
+                _stack(running),
             )
-            await self._broker.dead_letter(delivery.body, "unknown job")
-            await delivery.ack()
-            return
-        reason = _skip_reason(job, run, attempt, delivery.redelivered)
-        if reason is None and (running := self.running.get(job_id)) is not None:
-            # Redelivered while its first copy still runs here: the broker closed the channel
-            # under it (consumer_timeout, say). The first copy's outcome is this one's.
-            logger.info(
-                "job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt
-            )
-            done, _ = await asyncio.wait([running], timeout=spec["timeout"] + FIRST_COPY_MARGIN)
-            if not done:
-                # A bug (every step of a run is bounded): rather than hold this slot for ever,
-                # this copy goes back, to find the outcome or run after its delivery limit.
-                logger.error(
-                    "job %s attempt %d: its first copy is still running, requeued; it waits"
-                    " at:\n%s",
-                    job_id,
-                    attempt,
-                    _stack(running),
-                )
-                await delivery.requeue()
-                return
-            job = self._store.get(job_id)
-            if job is not None and job.attempt == attempt and not job.terminal:
-                # It ended with no outcome (stopped by a shutdown): this copy goes back.
-                await delivery.requeue()
-                return
-            reason = "its first copy ran here"
-        if reason is not None:
-            logger.info("job %s attempt %d: not run, %s", job_id, attempt, reason)
-            await delivery.ack()
-            return
-        task = self._tasks.get(spec["task"])
-        if job is not None and job.expired(time.time()):
-            error = {"type": "Expired", "message": "its ttl ran out before it could start"}
-            await self._broker.dead_letter(delivery.body, "expired")
-            await self._log.append(event(job_id, "dead", attempt, error=error))
-        elif task is None:
-            error = {"type": "UnknownTask", "message": f"no task {spec['task']!r} in this app"}
-            await self._broker.dead_letter(delivery.body, "unknown task")
-            await self._log.append(event(job_id, "dead", attempt, error=error))
-        else:
+        return bool(done)
+
+    async def _act(self, decision: Decision, delivery: Delivery, spec: dict[str, Any]) -> None:
+        job_id, attempt = spec["id"], spec["attempt"]
+        admission = decision.admission
+        if admission is Admission.RUN:
             # Not awaited: the outcome, which is, implies the start (see jobs.TARGET).
             self._log.emit(event(job_id, "started", attempt))
-            await self._run(task, spec, delivery.body)
+            await self._run(self._tasks[spec["task"]], spec, delivery.body)
+        elif admission is Admission.REQUEUE:
+            logger.info("job %s attempt %d: requeued, %s", job_id, attempt, decision.reason)
+            await delivery.requeue()
+            return
+        elif admission is Admission.UNKNOWN:
+            # The store keeps every job until it is terminal, and then for result_ttl: this is
+            # a finished job forgotten since (cancelled while its message waited), or a lost
+            # state. Never run it; keep the message where an operator can look.
+            logger.warning("job %s: %s: kept as a dead letter, not run", job_id, decision.reason)
+            await self._broker.dead_letter(delivery.body, "unknown job")
+        elif admission in DEATHS:
+            error_type, dead_letter_reason = DEATHS[admission]
+            await self._broker.dead_letter(delivery.body, dead_letter_reason)
+            error = {"type": error_type, "message": decision.reason}
+            await self._log.append(event(job_id, "dead", attempt, error=error))
+        else:
+            logger.info("job %s attempt %d: not run, %s", job_id, attempt, decision.reason)
         await delivery.ack()
 
     async def _run(self, task: Task[Any, Any], spec: dict[str, Any], body: bytes) -> None:
@@ -361,18 +373,6 @@ class Runner:
         delay = random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
         resolution = self._broker.delay_resolution
         return round(delay / resolution) * resolution if resolution else delay
-
-
-def _skip_reason(job: Job, run: int, attempt: int, redelivered: bool) -> str | None:
-    if run != job.run:
-        return f"a message of run {run}, the job is at run {job.run}"
-    if job.terminal:
-        return f"the job is {job.status.value} already"
-    if attempt < job.attempt:
-        return f"stale, the job is at attempt {job.attempt}"
-    if attempt == job.attempt and job.status is JobStatus.RUNNING and not redelivered:
-        return "a second copy of a running attempt"
-    return None
 
 
 def _check_json(result: Any) -> None:
