@@ -20,6 +20,8 @@ from tests.support import ServeProcess, wait_ready
 pytestmark = [pytest.mark.amqp, pytest.mark.slow, pytest.mark.timeout(240)]
 
 TOTAL, CONCURRENCY, FAULT_AT = 2000, 50, 700
+#: Seconds a freshly declared topology is given before its node is SIGKILLed.
+QUORUM_SETTLE = 3.0
 
 
 @pytest.fixture
@@ -76,6 +78,11 @@ async def test_broker_down_and_back_mid_load(
     (`rabbitmqctl stop_app`, which closes every connection) and started again."""
     server = start(rabbit, prefix, tmp_path, servers)
     await wait_ready(http, server.url)
+    if how == "sigkill":
+        # RabbitMQ 3.10: a quorum queue declared less than about a second before a SIGKILL of
+        # its node comes back without a leader, and consuming it hangs for good (measured; see
+        # RabbitNode.kill). The load reaches its fault within a second of a fresh start.
+        await asyncio.sleep(QUORUM_SETTLE)
     watcher = await http.ws_connect(server.url + "/v1/ws")
     outage: dict[str, tuple[int, str]] = {}
 
