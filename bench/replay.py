@@ -8,7 +8,8 @@
    published straight into the stream by the default exchange, so no job message is queued; a
    batch of events is published only once the specs it refers to are confirmed.
 3. Three starts, each timed in a process of its own (`Service.start()`, which returns once the
-   store is complete and every consumer attached), with its RSS:
+   store is complete and every consumer attached; building the Service, which opens and checks
+   its store file, included), with its RSS:
    - **whole log**: no store of its own and no checkpoint, so it reads the whole log (the only
      way before checkpoints; its store then writes the first checkpoint);
    - **restart**: the same process again, on the same disk: it resumes from its store's offset;
@@ -138,8 +139,8 @@ async def measure_start(url: str, prefix: str, folder: Path, checkpoint: bool) -
     process = psutil.Process()
     gc.collect()
     rss_before = process.memory_info().rss
-    service = Service(app, settings(url, prefix, folder))
     started = time.perf_counter()
+    service = Service(app, settings(url, prefix, folder))  # opens (and checks) its store file
     try:
         async with asyncio.timeout(REPLAY_DEADLINE):
             await service.start()
@@ -250,7 +251,7 @@ def _report(results: list[tuple[str, dict[str, Any]]]) -> None:
         f"checkpoint written after the first start: {written['mb']:.1f} MB in"
         f" {written['chunks']} chunks, {written['seconds']:.2f} s"
     )
-    print("(ready s: Service.start() in a process of its own, which imported aioqueue already;")
+    print("(ready s: Service() and its start() in a process of its own, which imported aioqueue;")
     print(" entries: log entries applied; +RSS: the start's own growth of the process's RSS)")
 
 

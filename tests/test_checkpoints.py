@@ -51,12 +51,12 @@ async def main(url, prefix, folder):
 
     service = Service(app, settings)
     await service.start()
-    await service.submit({"task": "add", "args": [1]})
+    await service.jobs.submit({"task": "add", "args": [1]})
     record = await service.checkpointer.write()
     print("good", record["id"], flush=True)
-    await service.submit({"task": "add", "args": [2]})
+    await service.jobs.submit({"task": "add", "args": [2]})
     for _ in range(20):  # incompressible arguments, so that the second checkpoint is large
-        await service.submit({"task": "keep", "args": [os.urandom(2048).hex()], "delay": 3600})
+        await service.jobs.submit({"task": "keep", "args": [os.urandom(2048).hex()], "delay": 3600})
     checkpoints.CHUNK_BYTES = 8  # thousands of tiny chunks: a write that takes seconds
     checkpoints.WINDOW = 1
     print("writing", flush=True)
@@ -93,13 +93,13 @@ async def make_service(
 
 async def test_a_fresh_process_starts_from_the_newest_checkpoint(make_service: Any) -> None:
     first = await make_service("host-a")
-    done = [await first.submit({"task": "add", "args": [n]}) for n in range(20)]
+    done = [await first.jobs.submit({"task": "add", "args": [n]}) for n in range(20)]
     for job in done:
         await until_terminal(first, job.id)
-    later = await first.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    later = await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
     record = await first.checkpointer.write()
     assert record is not None and record["jobs"] == 21
-    after = await first.submit({"task": "add", "args": [2], "delay": THIRTY_DAYS})
+    after = await first.jobs.submit({"task": "add", "args": [2], "delay": THIRTY_DAYS})
     entries = first.log.entries_applied
 
     second = await make_service("host-b")  # a new host: no store of its own
@@ -109,13 +109,13 @@ async def test_a_fresh_process_starts_from_the_newest_checkpoint(make_service: A
     assert len(second.store) == 22
     for job in [*done, later, after]:
         assert second.store.get(job.id).to_dict() == first.store.get(job.id).to_dict()
-    assert (await second.cancel(later.id)).status is JobStatus.CANCELLED
+    assert (await second.jobs.cancel(later.id)).status is JobStatus.CANCELLED
 
 
 async def test_a_store_of_its_own_newer_than_the_checkpoint_is_kept(make_service: Any) -> None:
     first = await make_service("host-a")
     await first.checkpointer.write()
-    job = await first.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    job = await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
     offset = first.store.offset
     await first.close()
     again = await make_service("host-a")
@@ -129,7 +129,8 @@ async def test_an_unsound_checkpoint_is_never_loaded_and_an_older_one_is(
     monkeypatch.setattr(checkpoints, "CHUNK_BYTES", 512)  # several chunks each
     first = await make_service("host-a")
     jobs = [
-        await first.submit({"task": "add", "args": [n], "delay": THIRTY_DAYS}) for n in range(5)
+        await first.jobs.submit({"task": "add", "args": [n], "delay": THIRTY_DAYS})
+        for n in range(5)
     ]
     good = await first.checkpointer.write()
     assert good is not None and good["chunks"] > 2

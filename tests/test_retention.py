@@ -26,8 +26,8 @@ async def test_a_cancelled_delayed_job_never_runs_after_its_record_expired(
 ) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs), result_ttl=2)
-    job = await service.submit({"task": "add", "args": [1], "delay": 4})
-    assert (await service.cancel(job.id)).status is JobStatus.CANCELLED
+    job = await service.jobs.submit({"task": "add", "args": [1], "delay": 4})
+    assert (await service.jobs.cancel(job.id)).status is JobStatus.CANCELLED
     await asyncio.sleep(1)
     service.store.expire()  # as the service's own expiry does, every second here
     assert service.store.get(job.id).status is JobStatus.CANCELLED  # kept for result_ttl
@@ -55,10 +55,10 @@ async def test_a_job_waiting_longer_than_result_ttl_is_kept_until_it_ends(
             await release.wait()
 
     service = await make_service(app, broker={"prefetch": 1}, result_ttl=1)
-    first = await service.submit({"task": "blocker"})
+    first = await service.jobs.submit({"task": "blocker"})
     await service.store.wait_for(first.id, lambda j: j.status is JobStatus.RUNNING, 10)
-    waiting = await service.submit({"task": "blocker"})
-    behind = await service.submit({"task": "add", "args": [2]})  # queued behind both
+    waiting = await service.jobs.submit({"task": "blocker"})
+    behind = await service.jobs.submit({"task": "add", "args": [2]})  # queued behind both
     await asyncio.sleep(1.5)
     service.store.expire()
     assert service.store.get(behind.id).status is JobStatus.QUEUED
@@ -77,7 +77,7 @@ async def test_a_thirty_day_delay_survives_restarts_and_is_cancelled_after_one(
     """On RabbitMQ (memory:// keeps nothing across a restart, as it says at start-up)."""
     app = make_app([])
     first = await make_service(app, result_ttl=2)
-    job = await first.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    job = await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
     entries = first.log.entries_applied
     await first.close()
 
@@ -89,7 +89,7 @@ async def test_a_thirty_day_delay_survives_restarts_and_is_cancelled_after_one(
     assert again.scheduled_for == pytest.approx(job.created_at + THIRTY_DAYS, abs=1)
     await asyncio.sleep(2.5)
     second.store.expire()
-    assert (await second.cancel(job.id)).status is JobStatus.CANCELLED
+    assert (await second.jobs.cancel(job.id)).status is JobStatus.CANCELLED
     await second.close()
 
     third = await make_service(app, result_ttl=2)

@@ -96,7 +96,7 @@ async def test_a_job_runs_and_its_result_is_recorded(make_service: Any) -> None:
     service = await make_service(make_app(runs))
     events: list[str] = []
     service.store.listeners.append(lambda event, job: events.append(event))
-    job = await service.submit({"task": "add", "args": {"a": 1, "b": 2}})
+    job = await service.jobs.submit({"task": "add", "args": {"a": 1, "b": 2}})
     assert job.status.value == "queued"
     done = await until_terminal(service, job.id)
     assert done.to_dict()["result"] == 3 and done.status.value == "succeeded"
@@ -108,7 +108,7 @@ async def test_a_job_runs_and_its_result_is_recorded(make_service: Any) -> None:
 async def test_a_sync_task_runs_in_a_thread_with_blocking_progress(make_service: Any) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "square", "args": [7]})
+    job = await service.jobs.submit({"task": "square", "args": [7]})
     done = await until_terminal(service, job.id)
     assert (done.status.value, done.result, done.progress) == (
         "succeeded",
@@ -120,7 +120,7 @@ async def test_a_sync_task_runs_in_a_thread_with_blocking_progress(make_service:
 async def test_a_failing_task_is_retried_then_failed_and_dead_lettered(make_service: Any) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "broken"})
+    job = await service.jobs.submit({"task": "broken"})
     done = await until_terminal(service, job.id)
     assert done.status.value == "failed"
     assert done.attempt == 3
@@ -164,7 +164,7 @@ async def test_a_job_requeued_past_the_delivery_limit_is_recorded_dead(
         raise BrokerUnavailable("the broker went away")
 
     service = await make_service(app, broker={"delivery_limit": 2})
-    job = await service.submit({"task": "unrecordable"})
+    job = await service.jobs.submit({"task": "unrecordable"})
     done = await until_terminal(service, job.id)
     assert done.status.value == "dead" and done.error is not None
     assert done.error["message"] == "dead-lettered by the broker: delivery_limit"
@@ -178,7 +178,7 @@ async def test_a_job_requeued_past_the_delivery_limit_is_recorded_dead(
 async def test_per_job_max_attempts_overrides_the_task(make_service: Any) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "broken", "max_attempts": 1})
+    job = await service.jobs.submit({"task": "broken", "max_attempts": 1})
     done = await until_terminal(service, job.id)
     assert (done.status.value, len(runs)) == ("failed", 1)
 
@@ -186,7 +186,7 @@ async def test_per_job_max_attempts_overrides_the_task(make_service: Any) -> Non
 async def test_a_task_past_its_timeout_is_cancelled_and_failed(make_service: Any) -> None:
     service = await make_service(make_app([]))
     started = time.monotonic()
-    job = await service.submit({"task": "sleepy", "args": {"seconds": 30}})
+    job = await service.jobs.submit({"task": "sleepy", "args": {"seconds": 30}})
     done = await until_terminal(service, job.id)
     assert done.status.value == "failed" and done.error is not None
     assert done.error["type"] == "TimeoutError"
@@ -196,7 +196,7 @@ async def test_a_task_past_its_timeout_is_cancelled_and_failed(make_service: Any
 
 async def test_a_result_that_is_not_json_fails_the_job(make_service: Any) -> None:
     service = await make_service(make_app([]))
-    job = await service.submit({"task": "unserialisable"})
+    job = await service.jobs.submit({"task": "unserialisable"})
     done = await until_terminal(service, job.id)
     assert done.status.value == "failed" and done.error is not None
     assert done.error["type"] == "TypeError"
@@ -205,7 +205,7 @@ async def test_a_result_that_is_not_json_fails_the_job(make_service: Any) -> Non
 
 async def test_a_task_can_submit_another_job(make_service: Any) -> None:
     service = await make_service(make_app([]))
-    job = await service.submit({"task": "parent"})
+    job = await service.jobs.submit({"task": "parent"})
     done = await until_terminal(service, job.id)
     child = await until_terminal(service, done.result)
     assert (child.task, child.result) == ("add", 5)
@@ -217,10 +217,10 @@ async def test_a_copy_of_a_finished_jobs_message_is_acked_without_running(
     """At-most-once outcome: a second delivery of a recorded job does not run it again."""
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "add", "args": {"a": 1}})
+    job = await service.jobs.submit({"task": "add", "args": {"a": 1}})
     done = await until_terminal(service, job.id)
     await service.broker.publish(orjson.dumps(done.spec(attempt=1)), "default")
-    stale = await service.submit({"task": "add", "args": {"a": 2}})  # runs after the copy
+    stale = await service.jobs.submit({"task": "add", "args": {"a": 2}})  # runs after the copy
     await until_terminal(service, stale.id)
     assert runs == [(job.id, 1), (stale.id, 1)]
     assert service.store.get(job.id).result == 1
@@ -280,10 +280,10 @@ async def test_a_bad_submit_is_refused_and_leaves_no_trace(
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
     with pytest.raises(error):
-        await service.submit(body)
+        await service.jobs.submit(body)
     await service.log.barrier()
     assert len(service.store) == 0
-    good = await service.submit({"task": "add", "args": [1]})
+    good = await service.jobs.submit({"task": "add", "args": [1]})
     await until_terminal(service, good.id)
     assert runs == [(good.id, 1)]  # nothing of the bad submit was queued ahead of it
 
@@ -294,7 +294,7 @@ async def test_state_survives_a_restart_on_a_durable_broker(
     """Jobs finished before a restart are still there after it (RabbitMQ: the event log)."""
     app = make_app([])
     first = await make_service(app)
-    job = await first.submit({"task": "add", "args": {"a": 20, "b": 22}})
+    job = await first.jobs.submit({"task": "add", "args": {"a": 20, "b": 22}})
     await until_terminal(first, job.id)
     await first.close()
     second = await make_service(app)
@@ -333,7 +333,7 @@ async def test_a_delayed_job_is_scheduled_then_runs_when_due(make_service: Any) 
     service = await make_service(make_app(runs))
     events: list[str] = []
     service.store.listeners.append(lambda event, job: events.append(event))
-    job = await service.submit({"task": "add", "args": [1], "delay": 2})
+    job = await service.jobs.submit({"task": "add", "args": [1], "delay": 2})
     assert job.status.value == "scheduled"
     assert job.scheduled_for == pytest.approx(job.created_at + 2)
     done = await until_terminal(service, job.id)
@@ -344,8 +344,8 @@ async def test_a_delayed_job_is_scheduled_then_runs_when_due(make_service: Any) 
 
 async def test_a_long_delay_never_holds_back_a_short_one(make_service: Any) -> None:
     service = await make_service(make_app([]))
-    later = await service.submit({"task": "add", "args": [1], "delay": 3600})
-    soon = await service.submit({"task": "add", "args": [2], "delay": 1})
+    later = await service.jobs.submit({"task": "add", "args": [1], "delay": 3600})
+    soon = await service.jobs.submit({"task": "add", "args": [2], "delay": 1})
     done = await until_terminal(service, soon.id)
     assert done.started_at is not None and done.started_at - done.created_at < 3.0
     assert service.store.get(later.id).status.value == "scheduled"
@@ -353,7 +353,7 @@ async def test_a_long_delay_never_holds_back_a_short_one(make_service: Any) -> N
 
 async def test_run_at_in_the_past_runs_now(make_service: Any) -> None:
     service = await make_service(make_app([]))
-    job = await service.submit({"task": "add", "args": [1], "run_at": "2000-01-01T00:00:00Z"})
+    job = await service.jobs.submit({"task": "add", "args": [1], "run_at": "2000-01-01T00:00:00Z"})
     assert job.status.value == "queued"
     assert (await until_terminal(service, job.id)).status.value == "succeeded"
 
@@ -361,10 +361,12 @@ async def test_run_at_in_the_past_runs_now(make_service: Any) -> None:
 async def test_a_queued_job_cancelled_never_runs(make_service: Any) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "add", "args": [1], "delay": 1})
-    cancelled = await service.cancel(job.id)
+    job = await service.jobs.submit({"task": "add", "args": [1], "delay": 1})
+    cancelled = await service.jobs.cancel(job.id)
     assert cancelled.status.value == "cancelled"
-    after = await service.submit({"task": "add", "args": [2], "delay": 2})  # due after the first
+    after = await service.jobs.submit(
+        {"task": "add", "args": [2], "delay": 2}
+    )  # due after the first
     await until_terminal(service, after.id)
     assert runs == [(after.id, 1)]
 
@@ -386,24 +388,24 @@ async def test_a_running_job_cancelled_is_stopped_and_its_cancel_path_runs(
             raise
 
     service = await make_service(app)
-    job = await service.submit({"task": "forever"})
+    job = await service.jobs.submit({"task": "forever"})
     await service.store.wait_for(job.id, lambda j: j.status.value == "running", 10)
-    await service.cancel(job.id)
+    await service.jobs.cancel(job.id)
     await asyncio.wait_for(cancelled_path_ran.wait(), 10)
     assert stopped == [job.id]
     assert service.store.get(job.id).status.value == "cancelled"
     with pytest.raises(Conflict):
-        await service.cancel(job.id)
+        await service.jobs.cancel(job.id)
 
 
 async def test_a_failed_job_retried_runs_again_from_attempt_one(make_service: Any) -> None:
     runs: list[tuple[str, int]] = []
     service = await make_service(make_app(runs))
-    job = await service.submit({"task": "broken", "max_attempts": 1})
+    job = await service.jobs.submit({"task": "broken", "max_attempts": 1})
     await until_terminal(service, job.id)
     with pytest.raises(Conflict):
-        await service.retry((await service.submit({"task": "add", "args": [1]})).id)
-    retried = await service.retry(job.id)
+        await service.jobs.retry((await service.jobs.submit({"task": "add", "args": [1]})).id)
+    retried = await service.jobs.retry(job.id)
     assert (retried.status.value, retried.attempt, retried.error) == ("queued", 1, None)
     done = await until_terminal(service, job.id)
     assert (done.status.value, done.run, done.attempt) == ("failed", 1, 1)
@@ -419,7 +421,9 @@ async def test_one_key_submitted_to_two_processes_at_once_makes_one_job(make_ser
     app = make_app(runs)
     first, second = await make_service(app), await make_service(app)
     body = {"task": "add", "args": [1], "idempotency_key": "once"}
-    results = await asyncio.gather(*(service.submit_once(body) for service in [first, second] * 10))
+    results = await asyncio.gather(
+        *(service.jobs.submit_once(body) for service in [first, second] * 10)
+    )
     assert len({job.id for job, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     job_id = results[0][0].id
@@ -439,22 +443,22 @@ async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: An
         await release.wait()
 
     service = await make_service(app, broker={"max_queue_length": 2, "prefetch": 1})
-    running = await service.submit({"task": "blocker"})
+    running = await service.jobs.submit({"task": "blocker"})
     await service.store.wait_for(running.id, lambda j: j.status.value == "running", 10)
     waiting: list[Job] = []
     with pytest.raises(QueueFull):  # a quorum queue takes one past its limit
         for _ in range(5):
-            waiting.append(await service.submit({"task": "blocker"}))
+            waiting.append(await service.jobs.submit({"task": "blocker"}))
     assert 2 <= len(waiting) <= 3
     with pytest.raises(QueueFull):
-        await service.submit({"task": "blocker", "idempotency_key": "refused"})
+        await service.jobs.submit({"task": "blocker", "idempotency_key": "refused"})
     await service.log.barrier()
     assert len(service.store) == 1 + len(waiting)  # the refused jobs left no record
     assert service.store.for_key("refused") is None
     release.set()
     for job in [running, *waiting]:
         assert (await until_terminal(service, job.id)).status.value == "succeeded"
-    accepted = await service.submit({"task": "blocker", "idempotency_key": "refused"})
+    accepted = await service.jobs.submit({"task": "blocker", "idempotency_key": "refused"})
     assert (await until_terminal(service, accepted.id)).status.value == "succeeded"
 
 
@@ -482,12 +486,12 @@ async def test_a_retry_that_meets_a_full_queue_waits_and_keeps_its_attempts(
     service = await make_service(
         app, broker={"max_queue_length": 1, "prefetch": 1, "delivery_limit": 1}
     )
-    job = await service.submit({"task": "flaky"})
+    job = await service.jobs.submit({"task": "flaky"})
     await service.store.wait_for(job.id, lambda j: j.status is JobStatus.RUNNING, 10)
     waiting: list[Job] = []
     with pytest.raises(QueueFull):  # a quorum queue takes one past its limit
         for _ in range(3):
-            waiting.append(await service.submit({"task": "quick"}))
+            waiting.append(await service.jobs.submit({"task": "quick"}))
     fail_first.set()
     done = await until_terminal(service, job.id, deadline=30)
     assert (done.status, done.attempt) == (JobStatus.FAILED, 3), done.error
@@ -517,11 +521,11 @@ async def test_higher_priorities_start_before_a_backlog_of_lower_ones(make_servi
         started.append(label)
 
     service = await make_service(app, broker={"prefetch": 1})
-    first = await service.submit({"task": "blocker"})
+    first = await service.jobs.submit({"task": "blocker"})
     await service.store.wait_for(first.id, lambda j: j.status.value == "running", 10)
-    jobs = [await service.submit({"task": "record", "args": [f"low{n}"]}) for n in range(20)]
+    jobs = [await service.jobs.submit({"task": "record", "args": [f"low{n}"]}) for n in range(20)]
     for n in range(3):
-        job = await service.submit({"task": "record", "args": [f"high{n}"], "priority": 9})
+        job = await service.jobs.submit({"task": "record", "args": [f"high{n}"], "priority": 9})
         assert job.priority == 9
         jobs.append(job)
     assert jobs[0].priority == 2  # the task's default
@@ -560,7 +564,7 @@ async def test_a_task_that_always_raises_retries_on_schedule_then_fails_once(
             outcomes.append(event)
 
     service.store.listeners.append(on_change)
-    job = await service.submit({"task": "always_raises"})
+    job = await service.jobs.submit({"task": "always_raises"})
     done = await until_terminal(service, job.id, deadline=30)
     assert done.status.value == "failed" and done.attempt == 4
     assert [attempt for attempt, _ in starts] == [1, 2, 3, 4]
@@ -585,10 +589,10 @@ async def test_a_job_not_started_within_its_ttl_is_dead_and_never_runs(make_serv
         ran.append(label)
 
     service = await make_service(app, broker={"prefetch": 1})
-    first = await service.submit({"task": "blocker"})
+    first = await service.jobs.submit({"task": "blocker"})
     await service.store.wait_for(first.id, lambda j: j.status.value == "running", 10)
-    stale = await service.submit({"task": "note", "args": ["stale"], "ttl": 0.5})
-    fresh = await service.submit({"task": "note", "args": ["fresh"], "ttl": 600})
+    stale = await service.jobs.submit({"task": "note", "args": ["stale"], "ttl": 0.5})
+    fresh = await service.jobs.submit({"task": "note", "args": ["fresh"], "ttl": 600})
     await asyncio.sleep(1.0)  # the stale job's ttl runs out while it waits behind the blocker
     release.set()
     dead = await until_terminal(service, stale.id)
@@ -597,7 +601,7 @@ async def test_a_job_not_started_within_its_ttl_is_dead_and_never_runs(make_serv
     assert (await until_terminal(service, fresh.id)).status.value == "succeeded"
     assert ran == ["fresh"]
     assert stale.id in await dead_letter_ids(service)
-    retried = await service.retry(stale.id)  # a retry is a new run, with no ttl
+    retried = await service.jobs.retry(stale.id)  # a retry is a new run, with no ttl
     assert retried.expires_at is None
     assert (await until_terminal(service, stale.id)).status.value == "succeeded"
 
@@ -619,9 +623,9 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
         await asyncio.sleep(seconds)
 
     first = await make_service(app, broker={"prefetch": 1})
-    long = await first.submit({"task": "hold", "args": ["long", 60]})
+    long = await first.jobs.submit({"task": "hold", "args": ["long", 60]})
     await first.store.wait_for(long.id, lambda j: j.status.value == "running", 10)
-    urgent = await first.submit({"task": "hold", "args": ["urgent", 0], "priority": 9})
+    urgent = await first.jobs.submit({"task": "hold", "args": ["urgent", 0], "priority": 9})
     await asyncio.sleep(0.5)  # delivered to the band consumer: it waits in the gate
     waiting = first.store.get(urgent.id)
     assert waiting is not None and waiting.status.value == "queued"
@@ -629,7 +633,7 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
     await first.close()
     assert ran == ["long"]  # the urgent job never started here
     second = await make_service(app, broker={"prefetch": 1})
-    await second.cancel(long.id)  # it would hold the one slot here for a minute again
+    await second.jobs.cancel(long.id)  # it would hold the one slot here for a minute again
     assert (await until_terminal(second, long.id)).status.value == "cancelled"
     assert (await until_terminal(second, urgent.id)).status.value == "succeeded"
     assert ran.count("urgent") == 1
@@ -664,7 +668,7 @@ async def test_a_consumer_cancelled_by_the_broker_is_noticed_and_the_service_rec
         await eventually(lambda: service.problem() is None, deadline=30)
         queue = await channel.declare_queue(name, passive=True)  # raises if not declared
         assert queue.declaration_result.consumer_count == 1
-    job = await service.submit({"task": "add", "args": [1]})
+    job = await service.jobs.submit({"task": "add", "args": [1]})
     assert (await until_terminal(service, job.id)).status is JobStatus.SUCCEEDED
 
 
@@ -673,7 +677,7 @@ async def test_a_consumer_cancelled_by_the_broker_is_noticed_and_the_service_rec
 )
 async def test_run_at_takes_every_rfc3339_form(make_service: Any, run_at: str) -> None:
     service = await make_service(make_app([]))
-    job = await service.submit({"task": "add", "args": [1], "run_at": run_at})
+    job = await service.jobs.submit({"task": "add", "args": [1], "run_at": run_at})
     assert (await until_terminal(service, job.id)).status.value == "succeeded"
 
 
@@ -709,7 +713,7 @@ def stubborn_app(release: asyncio.Event, runs: list[int]) -> App:
 
 
 async def copy_of_running_job(service: Service) -> tuple[Job, RedeliveredCopy]:
-    job = await service.submit({"task": "stubborn"})
+    job = await service.jobs.submit({"task": "stubborn"})
     await service.store.wait_for(job.id, lambda j: j.status is JobStatus.RUNNING, 10)
     copy = RedeliveredCopy(orjson.dumps(job.spec(attempt=1)))
     return job, copy

@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aioqueue.config import Settings
 from aioqueue.errors import TaskDefinitionError
+from aioqueue.service import Service
 from aioqueue.tasks import Task
 
 if TYPE_CHECKING:
     from aiohttp import web
-
-    from aioqueue.service import Service
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -98,24 +97,25 @@ class App:
 
     async def submit(self, task: str, args: Any = None, **options: Any) -> dict[str, Any]:
         """Submit a job from Python; returns its record once the broker confirmed it."""
-        job = await self._running().submit({**options, "task": task, "args": args})
+        job = await self._running().jobs.submit({**options, "task": task, "args": args})
         return job.to_dict()
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record of a job, or None."""
-        job = self._running().store.get(job_id)
+        job = self._running().jobs.get(job_id)
         return None if job is None else job.to_dict()
 
     def mount(self, web_app: web.Application, settings: Settings | None = None) -> None:
         """Serve aioqueue's API and run its consumers inside an existing aiohttp application."""
         from aioqueue.web.app import install
 
-        install(web_app, self, settings or Settings())
+        install(web_app, self, settings or Settings(), bind=self._bind)
+
+    def _bind(self, service: Service | None) -> None:
+        self.service = service
 
     async def start(self, settings: Settings | None = None) -> Service:
         """Start the service (broker, consumers) in this event loop; `stop()` ends it."""
-        from aioqueue.service import Service
-
         if self.service is not None:
             raise RuntimeError("this App is running already")
         service = Service(self, settings or Settings())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import TaskDefinitionError
@@ -87,3 +87,13 @@ class Task(Generic[P, R]):
             "max_attempts": self.max_attempts or defaults.max_attempts,
             "timeout": self.timeout or defaults.timeout,
         }
+
+
+class Registry(Protocol):
+    """What a service needs of an `App`: its tasks by name, and the queues they use."""
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]: ...
+
+    @property
+    def queues(self) -> set[str]: ...

@@ -6,35 +6,39 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 from aiohttp import WSCloseCode, web
 
 from aioqueue.config import Settings
+from aioqueue.service import Service
+from aioqueue.tasks import Registry
 from aioqueue.web import handlers
 from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
-from aioqueue.web.state import STATE, State
+from aioqueue.web.state import STATE, ServiceBinding, State
 from aioqueue.web.ws import websocket
-
-if TYPE_CHECKING:
-    from aioqueue.app import App
 
 logger = logging.getLogger(__name__)
 
 
-def create_app(app: App, settings: Settings) -> web.Application:
-    """A standalone aiohttp application serving `app` (what `aioqueue serve` runs)."""
+def create_app(registry: Registry, settings: Settings) -> web.Application:
+    """A standalone aiohttp application serving an App's tasks (what `aioqueue serve` runs)."""
     web_app = web.Application(
         client_max_size=settings.http.max_body_bytes, middlewares=[problem_middleware]
     )
-    install(web_app, app, settings)
+    install(web_app, registry, settings)
     return web_app
 
 
-def install(web_app: web.Application, app: App, settings: Settings) -> None:
-    """Add aioqueue's routes and lifecycle to an aiohttp application (`App.mount`)."""
-    web_app[STATE] = State(app=app, settings=settings)
+def install(
+    web_app: web.Application,
+    registry: Registry,
+    settings: Settings,
+    bind: ServiceBinding | None = None,
+) -> None:
+    """Add aioqueue's routes and lifecycle to an aiohttp application (`App.mount`); `bind` is
+    told of the service once it is built, and of None once it is closed."""
+    web_app[STATE] = State(registry=registry, settings=settings, bind=bind)
     web_app.router.add_post("/v1/jobs", handlers.submit_job)
     web_app.router.add_get("/v1/jobs", handlers.list_jobs)
     web_app.router.add_get("/v1/jobs/{id}", handlers.get_job)
@@ -50,14 +54,12 @@ def install(web_app: web.Application, app: App, settings: Settings) -> None:
 
 
 async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
-    from aioqueue.service import Service
-
     state = web_app[STATE]
-    service = Service(state.app, state.settings)
-    service.store.listeners.append(state.hub.on_job_change)
-    state.service = state.app.service = service
+    service = Service(state.registry, state.settings)
+    service.jobs.on_change(state.hub.on_job_change)
+    _bind(state, service)
     # Start in the background: the HTTP server answers at once (/readyz says 503 until the
-    # broker is reached and the event log replayed).
+    # broker is reached and the job store complete).
     starting = asyncio.create_task(service.start(), name="aioqueue-start")
     starting.add_done_callback(_report_start_failure)
     yield
@@ -66,7 +68,13 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
         await starting
     await service.close()
     state.threads_left = service.runner.busy_threads
-    state.service = state.app.service = None
+    _bind(state, None)
+
+
+def _bind(state: State, service: Service | None) -> None:
+    state.service = service
+    if state.bind is not None:
+        state.bind(service)
 
 
 async def shutdown(web_app: web.Application) -> int:

@@ -13,7 +13,6 @@ from multidict import MultiMapping
 from aioqueue.errors import (
     FieldError,
     InvalidRequest,
-    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     UnsupportedMediaType,
@@ -73,10 +72,9 @@ def _check_query(query: MultiMapping[str], allowed: set[str]) -> None:
 
 @problems
 async def submit_job(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
-    service = state.ready_service()
+    jobs = request.app[STATE].jobs()
     body = await read_json(request)
-    job, created = await service.submit_once(body, _idempotency_header(request))
+    job, created = await jobs.submit_once(body, _idempotency_header(request))
     return json_response(job.to_dict(), status=202 if created else 200)
 
 
@@ -95,17 +93,11 @@ def _idempotency_header(request: web.Request) -> str | None:
 
 @problems
 async def get_job(request: web.Request) -> web.StreamResponse:
-    service = request.app[STATE].ready_service()
+    jobs = request.app[STATE].jobs()
     _check_query(request.query, {"wait"})
     wait = request.query.get("wait")
     seconds = 0.0 if wait is None else _wait_seconds(wait)
-    job_id = request.match_info["id"]
-    if service.store.get(job_id) is None:
-        raise NotFound(f"no job {job_id[:100]!r}")
-    await service.store.wait_terminal(job_id, seconds)
-    job = service.store.get(job_id)
-    if job is None:  # expired while waiting
-        raise NotFound(f"no job {job_id[:100]!r}")
+    job = await jobs.wait_terminal(request.match_info["id"], seconds)
     return json_response(job.to_dict())
 
 
@@ -121,21 +113,21 @@ def _wait_seconds(raw: str) -> float:
 
 @problems
 async def cancel_job(request: web.Request) -> web.StreamResponse:
-    service = request.app[STATE].ready_service()
-    job = await service.cancel(request.match_info["id"])
+    jobs = request.app[STATE].jobs()
+    job = await jobs.cancel(request.match_info["id"])
     return json_response(job.to_dict(), status=202)
 
 
 @problems
 async def retry_job(request: web.Request) -> web.StreamResponse:
-    service = request.app[STATE].ready_service()
-    job = await service.retry(request.match_info["id"])
+    jobs = request.app[STATE].jobs()
+    job = await jobs.retry(request.match_info["id"])
     return json_response(job.to_dict(), status=202)
 
 
 @problems
 async def list_jobs(request: web.Request) -> web.StreamResponse:
-    service = request.app[STATE].ready_service()
+    jobs = request.app[STATE].jobs()
     query = request.query
     _check_query(query, {"status", "task", "limit", "cursor"})
     errors: list[FieldError] = []
@@ -151,8 +143,8 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
         errors.append(FieldError("limit", f"expected an integer from 1 to {MAX_LIMIT}"))
     if errors:
         raise InvalidRequest("invalid query parameters", errors)
-    jobs, cursor = service.store.list(statuses, query.get("task"), limit, query.get("cursor"))
-    return json_response({"jobs": [job.to_dict() for job in jobs], "next": cursor})
+    page, cursor = jobs.list(statuses, query.get("task"), limit, query.get("cursor"))
+    return json_response({"jobs": [job.to_dict() for job in page], "next": cursor})
 
 
 def _limit(text: str) -> int:
@@ -170,7 +162,7 @@ def _limit(text: str) -> int:
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     defaults = state.settings.jobs
-    tasks = [task.describe(defaults) for task in state.app.tasks.values()]
+    tasks = [task.describe(defaults) for task in state.registry.tasks.values()]
     return json_response({"tasks": tasks})
 
 

@@ -442,12 +442,12 @@ def _paths(submit_body: Any) -> dict[str, Any]:
 def document(request: web.Request) -> dict[str, Any]:
     """The OpenAPI description of the app that serves `request`."""
     state = request.app[STATE]
-    tasks = sorted(state.app.tasks.values(), key=lambda task: task.name)
+    tasks = sorted(state.registry.tasks.values(), key=lambda task: task.name)
     queues = sorted({task.queue for task in tasks})
     # The longest timeout a submit may ask for depends on the broker: the service's own bound
-    # (private to it: Service.__init__ decides it), which it passes to `build_spec`.
+    # (Service.__init__ decides it), which the producer passes to `build_spec`.
     service = state.service
-    max_timeout = submission.MAX_TIMEOUT if service is None else service.max_timeout
+    max_timeout = submission.MAX_TIMEOUT if service is None else service.jobs.max_timeout
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "aioqueue", "version": _version(), "description": DESCRIPTION},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -9,29 +10,34 @@ from aiohttp import web
 
 from aioqueue.config import Settings
 from aioqueue.errors import NotReady
+from aioqueue.tasks import Registry
 from aioqueue.web.hub import Connection, Hub
 
 if TYPE_CHECKING:
-    from aioqueue.app import App
+    from aioqueue.producer import Jobs
     from aioqueue.service import Service
+
+#: Told of the service when it is built, and of None when it is closed (`App.mount` keeps it).
+ServiceBinding = Callable[["Service | None"], None]
 
 
 @dataclass(eq=False)
 class State:
-    app: App
+    registry: Registry
     settings: Settings
+    bind: ServiceBinding | None = None
     hub: Hub = field(default_factory=Hub)
     service: Service | None = None
     connections: set[Connection] = field(default_factory=set)
     #: Sync tasks' threads still running once the service closed.
     threads_left: int = 0
 
-    def ready_service(self) -> Service:
-        """The service, once its store is rebuilt; NotReady (503) before that."""
+    def jobs(self) -> Jobs:
+        """The producer side of the service; NotReady (503) before the service is built (its
+        own calls say NotReady until its store is complete)."""
         if self.service is None:
             raise NotReady("starting")
-        self.service.check_replayed()
-        return self.service
+        return self.service.jobs
 
 
 STATE = web.AppKey("aioqueue", State)

@@ -119,8 +119,7 @@ def _channel(frame: dict[str, Any]) -> str:
 
 async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
     channel = _channel(frame)
-    service = state.ready_service()
-    job = service.store.get(channel[4:])
+    job = state.jobs().get(channel[4:])
     if job is None:
         raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
     limit = state.settings.ws.max_subscriptions
@@ -144,9 +143,9 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
     body = frame.get("job")
     if not isinstance(body, dict):
         raise FrameError("invalid_job", "'job' must be an object: the submit body")
-    service = state.ready_service()
+    jobs = state.jobs()
     try:
-        job = await service.submit(body)
+        job = await jobs.submit(body)
     except InvalidRequest as exc:
         errors = [error.to_dict() for error in exc.errors]
         raise FrameError("invalid_job", exc.detail, errors=errors) from None

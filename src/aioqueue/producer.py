@@ -1,0 +1,155 @@
+"""The producer side of a running service: submit, get, list, wait, cancel and retry jobs.
+
+This is what the HTTP handlers, the websocket, a task's `Context` and `App.submit` call. It never
+consumes a queue (the worker side, `runner.py`, does): it writes to the event log and reads the
+job store that the log builds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import orjson
+
+from aioqueue.broker.base import Broker
+from aioqueue.config import Settings
+from aioqueue.errors import Conflict, NotFound
+from aioqueue.eventlog import EventLog
+from aioqueue.jobs import RETRYABLE, Job, JobStatus
+from aioqueue.runner import event
+from aioqueue.store import ChangeListener, JobStore
+from aioqueue.submission import build_spec
+from aioqueue.tasks import Registry
+
+
+class Jobs:
+    def __init__(
+        self,
+        registry: Registry,
+        settings: Settings,
+        broker: Broker,
+        log: EventLog,
+        store: JobStore,
+        max_timeout: float,
+        check_open: Callable[[bool], None],
+    ) -> None:
+        self._registry = registry
+        self._settings = settings
+        self._broker = broker
+        self._log = log
+        self._store = store
+        #: The longest `timeout` a job may have (what a broker's consumer_timeout allows).
+        self.max_timeout = max_timeout
+        #: Raises NotReady (503) while the store is incomplete, or, given True, while the
+        #: service stops too (no new work then).
+        self._check_open = check_open
+        self._submitting: dict[str, asyncio.Future[None]] = {}
+
+    # Reading ----------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job | None:
+        self._check_open(False)
+        return self._store.get(job_id)
+
+    def known(self, job_id: str) -> Job:
+        """The job; NotFound (404) if the store does not know it."""
+        job = self.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id[:100]!r}")
+        return job
+
+    def list(
+        self,
+        statuses: Collection[JobStatus] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        self._check_open(False)
+        return self._store.list(statuses, task, limit, cursor)
+
+    async def wait_terminal(self, job_id: str, within: float) -> Job:
+        """The job once it is terminal, or as it is after `within` seconds; NotFound if unknown
+        (or forgotten meanwhile)."""
+        self.known(job_id)
+        await self._store.wait_terminal(job_id, within)
+        return self.known(job_id)
+
+    def on_change(self, listener: ChangeListener) -> None:
+        """Call `listener(event, job)` after every change of any job, in log order."""
+        self._store.listeners.append(listener)
+
+    # Writing ----------------------------------------------------------------------------------
+
+    async def submit(self, body: Any, idempotency_key: str | None = None) -> Job:
+        """Check and publish a job; returns its record once the broker confirmed it."""
+        job, _ = await self.submit_once(body, idempotency_key)
+        return job
+
+    async def submit_once(self, body: Any, idempotency_key: str | None = None) -> tuple[Job, bool]:
+        """As `submit`, and whether this call created the job: a repeated idempotency key
+        returns the first job (True only for the first); the same key with another body is 409.
+        """
+        now = time.time()
+        tasks, defaults = self._registry.tasks, self._settings.jobs
+        spec = build_spec(body, tasks, defaults, now, idempotency_key, self.max_timeout)
+        self._check_open(True)
+        key = spec.get("idempotency_key")
+        if key is None:
+            return await self._publish(spec), True
+        # Concurrent repeats in this process wait for the first; across processes, the log's
+        # order decides (`JobStore.create`).
+        while (pending := self._submitting.get(key)) is not None:
+            await asyncio.shield(pending)
+        first = self._first_for(key, spec)
+        if first is not None:
+            return first, False
+        self._submitting[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._publish(spec)
+        finally:
+            self._submitting.pop(key).set_result(None)
+        first = self._first_for(key, spec)
+        assert first is not None
+        return first, first.id == spec["id"]
+
+    async def _publish(self, spec: dict[str, Any]) -> Job:
+        await self._log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
+        job = self._store.get(spec["id"]) or self._store.for_key(spec.get("idempotency_key") or "")
+        assert job is not None, "a submitted job is in the store once submit() returns"
+        return job
+
+    def _first_for(self, key: str, spec: dict[str, Any]) -> Job | None:
+        first = self._store.for_key(key)
+        if first is not None and first.fingerprint != spec["fingerprint"]:
+            raise Conflict(
+                f"idempotency key {key[:100]!r} was used for another request (job {first.id})"
+            )
+        return first
+
+    async def cancel(self, job_id: str) -> Job:
+        """Record a cancel; the process running the job (if any) stops it. 409 if finished."""
+        job = self.known(job_id)
+        if job.terminal:
+            raise Conflict(f"the job is {job.status.value} already; only unfinished jobs cancel")
+        await self._log.append(event(job_id, "cancelled", job.attempt))
+        return self._store.get(job_id) or job
+
+    async def retry(self, job_id: str) -> Job:
+        """Run a failed, dead or cancelled job again: same id, a new run from attempt 1."""
+        job = self.known(job_id)
+        if job.status not in RETRYABLE:
+            raise Conflict(
+                f"the job is {job.status.value}; only failed, dead or cancelled jobs retry"
+            )
+        self._check_open(True)
+        run = job.run + 1
+        # The message first: a `retried` event is only written once the job can run. The
+        # runner waits for the event when it gets a message of a newer run.
+        spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None, "expires_at": None}
+        await self._broker.publish(orjson.dumps(spec), job.queue, priority=job.priority)
+        await self._log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
+        return self._store.get(job_id) or job
