@@ -4,7 +4,7 @@
 2. N finished jobs and M pending ones (delayed 30 days) go into that prefix's event log
    `P.events` the way aioqueue writes them: each job's spec (`aioqueue.submission.build_spec`) as
    an `aq-kind: job` entry, and the finished ones' `started` and `succeeded` events
-   (`aioqueue.runner.event`) as `aq-kind: events` entries of B events each. The specs are
+   (`aioqueue.eventlog.event`) as `aq-kind: events` entries of B events each. The specs are
    published straight into the stream by the default exchange, so no job message is queued; a
    batch of events is published only once the specs it refers to are confirmed.
 3. Three starts, each timed in a process of its own (`Service.start()`, which returns once the
@@ -46,7 +46,7 @@ import psutil  # noqa: E402
 from aioqueue.broker.amqp import KIND_HEADER, AmqpBroker  # noqa: E402
 from aioqueue.broker.base import LogKind  # noqa: E402
 from aioqueue.config import BrokerSettings, Settings, StoreSettings  # noqa: E402
-from aioqueue.runner import event  # noqa: E402
+from aioqueue.eventlog import event  # noqa: E402
 from aioqueue.service import Service  # noqa: E402
 from aioqueue.submission import build_spec  # noqa: E402
 from bench.apps import app  # noqa: E402

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -211,6 +212,11 @@ class EventLog:
         finally:
             self._echoes.pop(batch_id, None)
         return None
+
+
+def event(job_id: str, name: str, attempt: int, **fields: Any) -> dict[str, Any]:
+    """A job's event, as the log holds it (see `jobs.apply`)."""
+    return {"job": job_id, "event": name, "attempt": attempt, "at": time.time(), **fields}
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -17,9 +17,8 @@ import orjson
 from aioqueue.broker.base import Broker
 from aioqueue.config import Settings
 from aioqueue.errors import Conflict, NotFound
-from aioqueue.eventlog import EventLog
+from aioqueue.eventlog import EventLog, event
 from aioqueue.jobs import RETRYABLE, Job, JobStatus
-from aioqueue.runner import event
 from aioqueue.store import ChangeListener, JobStore
 from aioqueue.submission import build_spec
 from aioqueue.tasks import Registry

@@ -33,7 +33,7 @@ from aioqueue.broker.base import Broker, Delivery
 from aioqueue.config import JobsSettings
 from aioqueue.context import Context, SyncContext
 from aioqueue.errors import BrokerUnavailable, QueueFull
-from aioqueue.eventlog import EventLog
+from aioqueue.eventlog import EventLog, event
 from aioqueue.gate import PriorityGate
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
@@ -79,10 +79,6 @@ class _Hooks:
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
         job = await self._submit({**options, "task": task, "args": args})
         return job.to_dict()
-
-
-def event(job_id: str, name: str, attempt: int, **fields: Any) -> dict[str, Any]:
-    return {"job": job_id, "event": name, "attempt": attempt, "at": time.time(), **fields}
 
 
 def error_record(exc: BaseException, message: str | None = None) -> dict[str, Any]:
