@@ -74,13 +74,13 @@ async def make_service(
     """Services on one log; each `folder` is a process's own disk (a fresh one: a new host)."""
     started: list[Service] = []
 
-    async def make(folder: str, **store: Any) -> Service:
+    async def make(folder: str, app: Any = None, **store: Any) -> Service:
         settings = Settings(
             broker=BrokerSettings(url=amqp_url, prefix=prefix, confirm_timeout=3.0),
             jobs=dataclasses.replace(JobsSettings(), result_ttl=3600),
             store=dataclasses.replace(StoreSettings(dir=str(tmp_path / folder)), **store),
         )
-        service = Service(make_app([]), settings)
+        service = Service(app or make_app([]), settings)
         async with asyncio.timeout(60):
             await service.start()
         started.append(service)
@@ -199,6 +199,28 @@ async def test_a_writer_killed_mid_checkpoint_leaves_the_last_good_one_to_load(
     await fresh.checkpointer.write()
     assert [e["checkpoint"] for e in fresh.checkpointer.known] == ["done", "done"]
     assert not await stream_exists(amqp_url, orphan)
+
+
+async def test_a_store_older_than_the_log_retention_says_what_it_misses(
+    make_service: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No checkpoint, and the log dropped what came after the store's offset: an ERROR line."""
+    app = make_app([])
+
+    @app.task
+    async def keep(text: str) -> None:
+        pass
+
+    first = await make_service("host-a", app, log_max_bytes=2**20)
+    await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    await first.close()
+    other = await make_service("host-b", app, log_max_bytes=2**20)
+    for _ in range(24):  # 24 MB: three segments of the log, of which retention keeps 1 MiB
+        await other.jobs.submit({"task": "keep", "args": ["x" * 2**20], "delay": THIRTY_DAYS})
+    await other.close()
+    caplog.set_level(logging.ERROR, "aioqueue.broker.amqp")
+    await make_service("host-a", app, log_max_bytes=2**20)
+    assert "the event log goes on at offset" in caplog.text
 
 
 async def publish_chunks(url: str, stream: str, chunks: list[tuple[int, bytes]]) -> None:

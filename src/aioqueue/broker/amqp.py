@@ -465,6 +465,15 @@ class AmqpBroker(Broker):
         headers = _headers(message)
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int) and offset >= self._next_offset:
+            if offset > self._next_offset:
+                # A stream's offsets are consecutive: the entries in between left the log
+                # before this process applied them (see checkpointer.py on retention).
+                logger.error(
+                    "the event log goes on at offset %d, not %d: the entries in between are"
+                    " past its retention (store.log_max_bytes), and the job store misses them",
+                    offset,
+                    self._next_offset,
+                )
             self._next_offset = offset + 1
             assert self._on_log is not None
             kind = (
