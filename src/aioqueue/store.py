@@ -230,7 +230,7 @@ class JobStore:
 
     def apply(self, event: dict[str, Any]) -> Job | None:
         """Apply one event; None (and no change) if it does not apply to the job's state."""
-        if event["event"] == "queued":  # a job recorded again by its runner (see runner.py)
+        if event["event"] == "queued":  # a job recorded again by a runner of an earlier version
             return self.create(event["spec"])
         if event["event"] == "rejected":  # its queue refused it: it was never accepted
             self._forget(event["job"])
