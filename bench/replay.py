@@ -4,7 +4,7 @@
 2. N finished jobs and M pending ones (delayed 30 days) go into that prefix's event log
    `P.events` the way aioqueue writes them: each job's spec (`aioqueue.submission.build_spec`) as
    an `aq-kind: job` entry, and the finished ones' `started` and `succeeded` events
-   (`aioqueue.eventlog.event`) as `aq-kind: events` entries of B events each. The specs are
+   (`aioqueue.events`) as `aq-kind: events` entries of B events each. The specs are
    published straight into the stream by the default exchange, so no job message is queued; a
    batch of events is published only once the specs it refers to are confirmed.
 3. Three starts, each timed in a process of its own (`Service.start()`, which returns once the
@@ -43,10 +43,11 @@ import aiormq  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
 
+from aioqueue import events  # noqa: E402
 from aioqueue.broker.amqp import KIND_HEADER, AmqpBroker  # noqa: E402
 from aioqueue.broker.base import LogKind  # noqa: E402
 from aioqueue.config import BrokerSettings, Settings, StoreSettings  # noqa: E402
-from aioqueue.eventlog import event  # noqa: E402
+from aioqueue.events import Event, JobSpec, Started, Succeeded  # noqa: E402
 from aioqueue.service import Service  # noqa: E402
 from aioqueue.submission import build_spec  # noqa: E402
 from bench.apps import app  # noqa: E402
@@ -100,13 +101,13 @@ async def write_log(
                 raise RuntimeError(f"RabbitMQ refused a log entry: {confirmation!r}")
 
         jobs_per_batch = max(1, batch // 2)  # a started and a succeeded event per job
-        pending_events: list[dict[str, Any]] = []  # events of the jobs published last round
+        pending_events: list[Event] = []  # events of the jobs published last round
         total = finished + pending
         for first in range(0, total, jobs_per_batch):
             numbers = range(first, min(total, first + jobs_per_batch))
             specs = [_spec(config, n, delayed=n >= finished) for n in numbers]
             # This round's specs, with the events of the last round's jobs: those are confirmed.
-            writes = [publish(orjson.dumps(spec), LogKind.JOB) for spec in specs]
+            writes = [publish(spec.encode(), LogKind.JOB) for spec in specs]
             if pending_events:
                 writes.append(publish(_batch(pending_events), LogKind.EVENTS))
             await asyncio.gather(*writes)
@@ -114,24 +115,24 @@ async def write_log(
             pending_events = []
             for spec, n in zip(specs, numbers, strict=True):
                 if n < finished:
-                    pending_events.append(event(spec["id"], "started", 1))
-                    pending_events.append(event(spec["id"], "succeeded", 1, result=n))
+                    pending_events.append(Started(spec.id, 1))
+                    pending_events.append(Succeeded(spec.id, 1, n))
         if pending_events:
             await publish(_batch(pending_events), LogKind.EVENTS)
             entries += 1
     return entries
 
 
-def _spec(config: Settings, n: int, delayed: bool) -> dict[str, Any]:
+def _spec(config: Settings, n: int, delayed: bool) -> JobSpec:
     body: dict[str, Any] = {"task": "noop", "args": {"n": n}}
     if delayed:
         body["delay"] = THIRTY_DAYS
     return build_spec(body, app.tasks, config.jobs, time.time())
 
 
-def _batch(events: list[dict[str, Any]]) -> bytes:
+def _batch(batch: list[Event]) -> bytes:
     # As EventLog._write: {"id": batch_id, "events": [...]}.
-    return orjson.dumps({"id": secrets.token_hex(8), "events": events})
+    return orjson.dumps({"id": secrets.token_hex(8), "events": [events.encode(e) for e in batch]})
 
 
 async def measure_start(url: str, prefix: str, folder: Path, checkpoint: bool) -> dict[str, Any]:

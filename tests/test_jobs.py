@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import orjson
 import pytest
 
+from aioqueue import events
+from aioqueue.events import JobEvent, JobSpec
 from aioqueue.jobs import (
     RETRYABLE,
     TARGET,
@@ -28,7 +31,8 @@ def make_job(status: JobStatus = JobStatus.QUEUED, attempt: int = 1) -> Job:
     return job
 
 
-def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> dict[str, Any]:
+def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> JobEvent:
+    """The event as the log holds it, decoded as the event log decodes it."""
     base: dict[str, Any] = {"job": "j1", "event": kind.value, "attempt": attempt, "at": 200.0}
     extra: dict[str, dict[str, Any]] = {
         EventType.PROGRESS: {"value": 0.5, "message": "half"},
@@ -38,7 +42,9 @@ def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> dict[str, An
         EventType.DEAD: {"error": {"type": "DeadLetter", "message": "m"}},
         EventType.RETRIED: {"run": 1},
     }
-    return {**base, **extra.get(kind, {}), **fields}
+    event = events.decode({**base, **extra.get(kind, {}), **fields})
+    assert not isinstance(event, events.Rejected | events.Queued | events.CheckpointNote)
+    return event
 
 
 LATER_EVENTS = [kind for kind in EventType if kind not in (EventType.QUEUED, EventType.RETRIED)]
@@ -55,8 +61,9 @@ def test_every_event_in_every_status_follows_the_table(status: JobStatus, kind: 
     """An event of the current attempt applies to any job not terminal, and leads where TARGET says."""
     job = make_job(status)
     if status not in TERMINAL:
-        assert apply(job, make_event(kind)) is kind
-        assert job.status is TARGET[kind]
+        event = make_event(kind)
+        assert apply(job, event) is kind
+        assert job.status is TARGET[type(event)]
     else:
         before = job.to_dict()
         with pytest.raises(IllegalTransition):
@@ -139,9 +146,25 @@ def test_cancel_applies_whatever_the_attempt() -> None:
     assert job.status is JobStatus.CANCELLED and job.finished_at == 200.0
 
 
-def test_unknown_event_is_refused() -> None:
-    with pytest.raises(IllegalTransition):
-        apply(make_job(), {"job": "j1", "event": "exploded", "at": 1.0})
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"job": "j1", "event": "exploded", "at": 1.0},
+        {"job": "j1", "event": "succeeded", "at": 1.0},  # no attempt, no result
+        {"event": "started", "attempt": 1},  # no job
+        ["started"],
+    ],
+)
+def test_what_is_not_an_event_is_refused_when_decoded(data: Any) -> None:
+    with pytest.raises(ValueError):
+        events.decode(data)
+
+
+def test_every_event_survives_its_encoding() -> None:
+    for kind in EventType:
+        if kind is not EventType.QUEUED:
+            event = make_event(kind)
+            assert events.decode(orjson.loads(orjson.dumps(events.encode(event)))) == event
 
 
 def test_spec_round_trips_through_from_spec() -> None:
@@ -149,7 +172,8 @@ def test_spec_round_trips_through_from_spec() -> None:
     job = make_job()
     again = Job.from_spec(job.spec())
     assert again.to_dict() == job.to_dict()
-    assert job.spec(attempt=3)["attempt"] == 3
+    assert job.spec(attempt=3).attempt == 3
+    assert JobSpec.decode(job.spec().encode()) == job.spec()
 
 
 def test_record_has_the_contract_fields() -> None:

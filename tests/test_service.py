@@ -17,6 +17,7 @@ from aioqueue import App, Conflict, Context, InvalidRequest, NotFound, Settings,
 from aioqueue.broker.base import Delivery
 from aioqueue.config import BrokerSettings, JobsSettings, StoreSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
+from aioqueue.events import JobSpec
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
 
@@ -308,16 +309,7 @@ async def test_state_survives_a_restart_on_a_durable_broker(
 async def test_a_job_of_a_task_this_app_lacks_is_dead_and_dead_lettered(make_service: Any) -> None:
     """A message this process cannot run (no such task here) is recorded `dead`, not lost."""
     service = await make_service(make_app([]))
-    spec = {
-        "id": "ghost-job",
-        "task": "ghost",
-        "queue": "default",
-        "args": None,
-        "max_attempts": 1,
-        "timeout": 1.0,
-        "created_at": time.time(),
-        "attempt": 1,
-    }
+    spec = JobSpec("ghost-job", "ghost", "default", None, 1, 1.0, time.time())
     events: list[str] = []
     service.store.listeners.append(lambda event, job: events.append(event))
     await service.log.submit(spec)  # as a process with that task would have

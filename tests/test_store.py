@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
 from aioqueue.errors import InvalidRequest
+from aioqueue.events import JobSpec, Started, Succeeded
 from aioqueue.jobs import JobStatus
 from aioqueue.store import JobStore
 
@@ -20,22 +20,16 @@ class Clock:
         return self.now
 
 
-def spec(n: int) -> dict[str, Any]:
-    return {
-        "id": f"job{n}",
-        "task": "even" if n % 2 == 0 else "odd",
-        "queue": "default",
-        "args": [n],
-        "max_attempts": 1,
-        "timeout": 1.0,
-        "created_at": 1000.0 + n,
-        "attempt": 1,
-    }
+def spec(n: int) -> JobSpec:
+    task = "even" if n % 2 == 0 else "odd"
+    return JobSpec(
+        f"job{n}", task, "default", [n], max_attempts=1, timeout=1.0, created_at=1000 + n
+    )
 
 
 def finish(store: JobStore, n: int, at: float) -> None:
-    store.apply({"job": f"job{n}", "event": "started", "attempt": 1, "at": at})
-    store.apply({"job": f"job{n}", "event": "succeeded", "attempt": 1, "at": at, "result": n})
+    store.apply(Started(f"job{n}", 1, at))
+    store.apply(Succeeded(f"job{n}", 1, n, at))
 
 
 def test_creating_a_known_job_again_changes_nothing() -> None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from aioqueue import snapshots
 from aioqueue.errors import BrokerUnavailable
 from aioqueue.eventlog import EventLog
+from aioqueue.events import CheckpointNote
 from aioqueue.store import SCHEMA_VERSION, JobStore
 
 if TYPE_CHECKING:
@@ -145,11 +146,15 @@ class Checkpointer:
             return None
         checkpoint = f"{snapshot.offset}-{secrets.token_hex(4)}"
         stream = self._streams.stream_name(checkpoint)
-        await self._log.append(
-            {"checkpoint": "begin", "stream": stream, "offset": snapshot.offset, "at": time.time()}
-        )
+        begun = {
+            "checkpoint": "begin",
+            "stream": stream,
+            "offset": snapshot.offset,
+            "at": time.time(),
+        }
+        await self._log.append(CheckpointNote(begun))
         record = await self._streams.save(snapshot, checkpoint)
-        await self._log.append({**record, "checkpoint": "done"})
+        await self._log.append(CheckpointNote({**record, "checkpoint": "done"}))
         logger.info(
             "wrote checkpoint %s: %d jobs as of log offset %d (%.1f MB) in %.2f s",
             checkpoint,
@@ -170,4 +175,6 @@ class Checkpointer:
         # Older ones, and any begun before the oldest kept one (a writer died half-way).
         old = [entry["stream"] for entry in known if entry["offset"] < oldest_kept]
         await self._streams.delete(old)
-        await self._log.append({"checkpoint": "deleted", "streams": old, "at": time.time()})
+        await self._log.append(
+            CheckpointNote({"checkpoint": "deleted", "streams": old, "at": time.time()})
+        )

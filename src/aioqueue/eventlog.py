@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from aioqueue import events
 from aioqueue.broker.base import Broker, LogKind
 from aioqueue.errors import BrokerUnavailable, QueueFull
+from aioqueue.events import CheckpointNote, Event, JobSpec, Rejected
 from aioqueue.store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class EventLog:
         #: How long other writes wait for their echo; then they fail (BrokerUnavailable).
         self._write_timeout = write_timeout
         self._echoes: dict[str, asyncio.Future[None]] = {}
-        self._queue: list[tuple[tuple[dict[str, Any], ...], asyncio.Future[None]]] = []
+        self._queue: list[tuple[tuple[Event, ...], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -74,16 +75,14 @@ class EventLog:
     def on_log(self, kind: LogKind, body: bytes, offset: int) -> None:
         """Apply one log entry; called by the broker in log order."""
         try:
-            entry = orjson.loads(body)
             if kind is LogKind.JOB:
-                self._store.create(entry)
-                key = entry["id"]
+                spec = JobSpec.decode(body)
+                self._store.create(spec)
+                key = spec.id
             else:
-                for event in entry["events"]:
-                    if "checkpoint" not in event:
-                        self._store.apply(event)
-                    elif self.on_checkpoint is not None:
-                        self.on_checkpoint(event)
+                entry = orjson.loads(body)
+                for item in entry["events"]:
+                    self._apply(item)
                 key = entry["id"]
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.exception("skipping a log entry that cannot be applied: %.200r", body)
@@ -96,27 +95,32 @@ class EventLog:
         if echo is not None and not echo.done():
             echo.set_result(None)
 
+    def _apply(self, item: Any) -> None:
+        try:
+            event = events.decode(item)
+        except ValueError as exc:  # one bad event spoils none of the others
+            logger.error("skipping an event that cannot be applied: %s", exc)
+            return
+        if not isinstance(event, CheckpointNote):
+            self._store.apply(event)
+        elif self.on_checkpoint is not None:
+            self.on_checkpoint(event.fields)
+
     # Writing --------------------------------------------------------------------------------
 
-    async def submit(self, spec: dict[str, Any]) -> None:
+    async def submit(self, spec: JobSpec) -> None:
         """Publish a new job (to its queue and the log); returns once it is in the store."""
-        echo = self._expect(spec["id"])
+        echo = self._expect(spec.id)
         try:
-            due = spec.get("scheduled_for")
-            delay = 0.0 if due is None else max(0.0, due - spec["created_at"])
             try:
-                await self._broker.submit(
-                    orjson.dumps(spec), spec["queue"], delay, spec.get("priority", 0)
-                )
+                await self._broker.submit(spec.encode(), spec.queue, spec.delay, spec.priority)
             except QueueFull:
                 # The log took the job, its queue did not: take it back out of every store
                 # (waiting for that, so that a refused job leaves a record only if this fails).
                 try:
-                    await self.append({"job": spec["id"], "event": "rejected"})
+                    await self.append(Rejected(spec.id))
                 except BrokerUnavailable as exc:
-                    logger.warning(
-                        "job %s refused, yet left queued in the log: %s", spec["id"], exc
-                    )
+                    logger.warning("job %s refused, yet left queued in the log: %s", spec.id, exc)
                 raise
             try:
                 async with asyncio.timeout(self._submit_timeout):
@@ -124,17 +128,17 @@ class EventLog:
             except TimeoutError:
                 # The broker confirmed it, so the job is accepted: record it here rather than
                 # answer 503 for a job that will run. The late echo is then a no-op.
-                logger.warning("job %s confirmed but not echoed by the log in time", spec["id"])
+                logger.warning("job %s confirmed but not echoed by the log in time", spec.id)
                 self._store.create(spec)
                 self._store.write()
         finally:
-            self._echoes.pop(spec["id"], None)
+            self._echoes.pop(spec.id, None)
 
-    async def append(self, *events: dict[str, Any]) -> None:
+    async def append(self, *events: Event) -> None:
         """Append events; returns once they are confirmed and applied. Raises BrokerUnavailable."""
         await self.emit(*events)
 
-    def emit(self, *events: dict[str, Any]) -> asyncio.Future[None]:
+    def emit(self, *events: Event) -> asyncio.Future[None]:
         """Append events without waiting; the future says when (and whether) they are applied."""
         waiter = asyncio.get_running_loop().create_future()
         waiter.add_done_callback(_retrieve)
@@ -151,18 +155,18 @@ class EventLog:
         self._echoes[key] = echo
         return echo
 
-    def _take_batch(self) -> tuple[list[dict[str, Any]], list[asyncio.Future[None]]]:
-        events: list[dict[str, Any]] = []
+    def _take_batch(self) -> tuple[list[Event], list[asyncio.Future[None]]]:
+        batch: list[Event] = []
         waiters: list[asyncio.Future[None]] = []
         taken = 0
         for batch_events, waiter in self._queue:
-            if events and len(events) + len(batch_events) > MAX_BATCH:
+            if batch and len(batch) + len(batch_events) > MAX_BATCH:
                 break
-            events.extend(batch_events)
+            batch.extend(batch_events)
             waiters.append(waiter)
             taken += 1
         del self._queue[:taken]
-        return events, waiters
+        return batch, waiters
 
     async def _write_batches(self) -> None:
         while True:
@@ -170,21 +174,21 @@ class EventLog:
             self._wake.clear()
             while self._queue:
                 await self._slots.acquire()
-                events, waiters = self._take_batch()
+                batch, waiters = self._take_batch()
                 # Tasks start in creation order and publish under aiormq's FIFO channel lock
                 # before their first real suspension: batches reach the log in this order.
-                task = asyncio.create_task(self._write_and_settle(events, waiters))
+                task = asyncio.create_task(self._write_and_settle(batch, waiters))
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
 
     async def _write_and_settle(
-        self, events: list[dict[str, Any]], waiters: list[asyncio.Future[None]]
+        self, batch: list[Event], waiters: list[asyncio.Future[None]]
     ) -> None:
         # Whatever ends the write (a cancellation too), its waiters are settled: an unsettled
         # one would hang the job whose outcome it is.
         error: BrokerUnavailable | None = BrokerUnavailable("the write was interrupted")
         try:
-            error = await self._write(events)
+            error = await self._write(batch)
         finally:
             self._slots.release()
             for waiter in waiters:
@@ -195,11 +199,12 @@ class EventLog:
                 else:
                     waiter.set_exception(error)
 
-    async def _write(self, events: list[dict[str, Any]]) -> BrokerUnavailable | None:
+    async def _write(self, batch: list[Event]) -> BrokerUnavailable | None:
         batch_id = secrets.token_hex(8)
         echo = self._expect(batch_id)
         try:
-            await self._broker.append(orjson.dumps({"id": batch_id, "events": events}))
+            body = {"id": batch_id, "events": [events.encode(event) for event in batch]}
+            await self._broker.append(orjson.dumps(body))
             async with asyncio.timeout(self._write_timeout):
                 await echo
         except BrokerUnavailable as exc:
@@ -212,11 +217,6 @@ class EventLog:
         finally:
             self._echoes.pop(batch_id, None)
         return None
-
-
-def event(job_id: str, name: str, attempt: int, **fields: Any) -> dict[str, Any]:
-    """A job's event, as the log holds it (see `jobs.apply`)."""
-    return {"job": job_id, "event": name, "attempt": attempt, "at": time.time(), **fields}
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:

@@ -1,6 +1,6 @@
 """The job record and its legal state changes. Pure code: no I/O, no clock, no broker.
 
-Every state change is an *event* (a plain dict, as it travels in the event log). `apply()` moves a
+Every state change is an *event* (one of the types of `events.py`). `apply()` moves a
 `Job` by one event, or raises `IllegalTransition` and leaves it untouched. The event log can hold
 duplicates (a redelivered job, a publish retried after a lost confirm) and events of a stale
 attempt; refusing them here is what keeps each job's recorded outcome single.
@@ -16,6 +16,20 @@ import functools
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+from aioqueue.events import (
+    NAMES,
+    Cancelled,
+    Dead,
+    Failed,
+    JobEvent,
+    JobSpec,
+    Progress,
+    Retried,
+    Retrying,
+    Started,
+    Succeeded,
+)
 
 
 class JobStatus(StrEnum):
@@ -59,7 +73,7 @@ class EventType(StrEnum):
 
 
 #: Events that apply whatever the attempt: they come from outside the runner.
-ANY_ATTEMPT = frozenset({EventType.DEAD, EventType.CANCELLED})
+ANY_ATTEMPT = (Dead, Cancelled)
 #: The statuses a job can be retried from.
 RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
 
@@ -67,15 +81,15 @@ RETRYABLE = frozenset({JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
 #: if it is of the current attempt: progress and outcomes apply to a waiting job too, because the
 #: runner does not wait for its `started` event to be confirmed, so the log can lack it (a write
 #: lost in a broker outage); an outcome of the current attempt implies that it started.
-TARGET: dict[EventType, JobStatus] = {
-    EventType.STARTED: JobStatus.RUNNING,
-    EventType.PROGRESS: JobStatus.RUNNING,
-    EventType.RETRYING: JobStatus.RETRYING,
-    EventType.SUCCEEDED: JobStatus.SUCCEEDED,
-    EventType.FAILED: JobStatus.FAILED,
-    EventType.DEAD: JobStatus.DEAD,
-    EventType.CANCELLED: JobStatus.CANCELLED,
-    EventType.RETRIED: JobStatus.QUEUED,
+TARGET: dict[type[JobEvent], JobStatus] = {
+    Started: JobStatus.RUNNING,
+    Progress: JobStatus.RUNNING,
+    Retrying: JobStatus.RETRYING,
+    Succeeded: JobStatus.SUCCEEDED,
+    Failed: JobStatus.FAILED,
+    Dead: JobStatus.DEAD,
+    Cancelled: JobStatus.CANCELLED,
+    Retried: JobStatus.QUEUED,
 }
 
 
@@ -163,43 +177,43 @@ class Job:
         self.finished_at: float | None = None
 
     @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> Job:
-        """Build the record of a newly queued job from its message body (see `spec()`)."""
+    def from_spec(cls, spec: JobSpec) -> Job:
+        """Build the record of a newly queued job from its message (see `spec()`)."""
         return cls(
-            id=spec["id"],
-            task=spec["task"],
-            queue=spec["queue"],
-            args=spec["args"],
-            max_attempts=spec["max_attempts"],
-            timeout=spec["timeout"],
-            created_at=spec["created_at"],
-            attempt=spec.get("attempt", 1),
-            scheduled_for=spec.get("scheduled_for"),
-            run=spec.get("run", 0),
-            idempotency_key=spec.get("idempotency_key"),
-            fingerprint=spec.get("fingerprint"),
-            priority=spec.get("priority", 0),
-            expires_at=spec.get("expires_at"),
+            id=spec.id,
+            task=spec.task,
+            queue=spec.queue,
+            args=spec.args,
+            max_attempts=spec.max_attempts,
+            timeout=spec.timeout,
+            created_at=spec.created_at,
+            attempt=spec.attempt,
+            scheduled_for=spec.scheduled_for,
+            run=spec.run,
+            idempotency_key=spec.idempotency_key,
+            fingerprint=spec.fingerprint,
+            priority=spec.priority,
+            expires_at=spec.expires_at,
         )
 
-    def spec(self, attempt: int | None = None) -> dict[str, Any]:
+    def spec(self, attempt: int | None = None) -> JobSpec:
         """What a job message carries: enough to run the job and to rebuild its record."""
-        return {
-            "id": self.id,
-            "task": self.task,
-            "queue": self.queue,
-            "args": self.args,
-            "max_attempts": self.max_attempts,
-            "timeout": self.timeout,
-            "created_at": self.created_at,
-            "attempt": self.attempt if attempt is None else attempt,
-            "scheduled_for": self.scheduled_for,
-            "run": self.run,
-            "idempotency_key": self.idempotency_key,
-            "fingerprint": self.fingerprint,
-            "priority": self.priority,
-            "expires_at": self.expires_at,
-        }
+        return JobSpec(
+            id=self.id,
+            task=self.task,
+            queue=self.queue,
+            args=self.args,
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            created_at=self.created_at,
+            attempt=self.attempt if attempt is None else attempt,
+            scheduled_for=self.scheduled_for,
+            run=self.run,
+            idempotency_key=self.idempotency_key,
+            fingerprint=self.fingerprint,
+            priority=self.priority,
+            expires_at=self.expires_at,
+        )
 
     def to_state(self) -> dict[str, Any]:
         """Every field, as JSON can hold it (what the job store keeps)."""
@@ -244,62 +258,58 @@ class Job:
         return f"<Job {self.id} {self.task} {self.status.value} attempt={self.attempt}>"
 
 
-def apply(job: Job, event: dict[str, Any]) -> EventType:
-    """Move `job` by one event (any type but `queued`, which creates a job: `Job.from_spec`).
+def apply(job: Job, event: JobEvent) -> EventType:
+    """Move `job` by one event (`queued`, which creates a job, is `Job.from_spec`).
 
     Returns the event's type. Raises `IllegalTransition` and changes nothing if the event does
     not apply: a job that is terminal, an attempt older than the current one, a duplicate.
     """
-    try:
-        kind = EventType(event["event"])
-        target = TARGET[kind]
-    except (KeyError, ValueError):
-        raise IllegalTransition(f"unknown event {event.get('event')!r}") from None
-    if kind is EventType.RETRIED:
-        if job.status not in RETRYABLE or event["run"] <= job.run:
+    name = EventType(NAMES[type(event)])
+    if isinstance(event, Retried):
+        if job.status not in RETRYABLE or event.run <= job.run:
             raise IllegalTransition(f"retried in status {job.status.value}, run {job.run}")
     elif job.terminal:
-        raise IllegalTransition(f"{kind.value} in status {job.status.value}")
-    attempt = event.get("attempt", job.attempt)
-    if kind is EventType.STARTED:
-        if attempt < job.attempt:
-            raise IllegalTransition(f"started attempt {attempt} after attempt {job.attempt}")
-    elif kind not in ANY_ATTEMPT and kind is not EventType.RETRIED and attempt != job.attempt:
-        raise IllegalTransition(f"{kind.value} of attempt {attempt}, current is {job.attempt}")
-    _record(job, kind, event)
-    job.status = target
-    return kind
+        raise IllegalTransition(f"{name.value} in status {job.status.value}")
+    elif isinstance(event, Started):
+        if event.attempt < job.attempt:
+            raise IllegalTransition(f"started attempt {event.attempt} after attempt {job.attempt}")
+    elif not isinstance(event, ANY_ATTEMPT) and event.attempt != job.attempt:
+        current = f"current is {job.attempt}"
+        raise IllegalTransition(f"{name.value} of attempt {event.attempt}, {current}")
+    _record(job, event)
+    job.status = TARGET[type(event)]
+    return name
 
 
-def _record(job: Job, kind: EventType, event: dict[str, Any]) -> None:
-    at = event["at"]
-    if kind is EventType.RETRIED:
-        job.run = event["run"]
+def _record(job: Job, event: JobEvent) -> None:
+    if isinstance(event, Retried):
+        job.run = event.run
         job.attempt = 1
         job.progress = job.result = job.error = None
         job.started_at = job.finished_at = job.scheduled_for = job.expires_at = None
         return
-    if job.status in WAITING and kind not in ANY_ATTEMPT:
-        job.started_at = at  # an implied start, if `started` itself is missing
+    if job.status in WAITING and not isinstance(event, ANY_ATTEMPT):
+        job.started_at = event.at  # an implied start, if `started` itself is missing
         job.progress = None
         job.scheduled_for = None
-    if kind is EventType.STARTED:
-        job.attempt = event["attempt"]
-        job.started_at = at
-        job.progress = None
-        job.scheduled_for = None
-    elif kind is EventType.PROGRESS:
-        job.progress = {"value": event["value"], "message": event.get("message")}
-    elif kind is EventType.RETRYING:
-        job.attempt += 1
-        job.error = event["error"]
-        job.scheduled_for = event["scheduled_for"]
-    elif kind is EventType.SUCCEEDED:
-        job.result = event["result"]
-        job.error = None
-        job.finished_at = at
-    elif kind is EventType.CANCELLED:
-        job.finished_at = at
-    else:  # failed, dead
-        job.error = event["error"]
-        job.finished_at = at
+    match event:
+        case Started():
+            job.attempt = event.attempt
+            job.started_at = event.at
+            job.progress = None
+            job.scheduled_for = None
+        case Progress():
+            job.progress = {"value": event.value, "message": event.message}
+        case Retrying():
+            job.attempt += 1
+            job.error = event.error
+            job.scheduled_for = event.scheduled_for
+        case Succeeded():
+            job.result = event.result
+            job.error = None
+            job.finished_at = event.at
+        case Cancelled():
+            job.finished_at = event.at
+        case Failed() | Dead():
+            job.error = event.error
+            job.finished_at = event.at

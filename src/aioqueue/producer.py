@@ -12,12 +12,11 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-import orjson
-
 from aioqueue.broker.base import Broker
 from aioqueue.config import Settings
 from aioqueue.errors import Conflict, NotFound
-from aioqueue.eventlog import EventLog, event
+from aioqueue.eventlog import EventLog
+from aioqueue.events import Cancelled, JobSpec, Retried
 from aioqueue.jobs import RETRYABLE, Job, JobStatus
 from aioqueue.store import ChangeListener, JobStore
 from aioqueue.submission import build_spec
@@ -96,7 +95,7 @@ class Jobs:
         tasks, defaults = self._registry.tasks, self._settings.jobs
         spec = build_spec(body, tasks, defaults, now, idempotency_key, self.max_timeout)
         self._check_open(True)
-        key = spec.get("idempotency_key")
+        key = spec.idempotency_key
         if key is None:
             return await self._publish(spec), True
         # Concurrent repeats in this process wait for the first; across processes, the log's
@@ -113,17 +112,17 @@ class Jobs:
             self._submitting.pop(key).set_result(None)
         first = self._first_for(key, spec)
         assert first is not None
-        return first, first.id == spec["id"]
+        return first, first.id == spec.id
 
-    async def _publish(self, spec: dict[str, Any]) -> Job:
+    async def _publish(self, spec: JobSpec) -> Job:
         await self._log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
-        job = self._store.get(spec["id"]) or self._store.for_key(spec.get("idempotency_key") or "")
+        job = self._store.get(spec.id) or self._store.for_key(spec.idempotency_key or "")
         assert job is not None, "a submitted job is in the store once submit() returns"
         return job
 
-    def _first_for(self, key: str, spec: dict[str, Any]) -> Job | None:
+    def _first_for(self, key: str, spec: JobSpec) -> Job | None:
         first = self._store.for_key(key)
-        if first is not None and first.fingerprint != spec["fingerprint"]:
+        if first is not None and first.fingerprint != spec.fingerprint:
             raise Conflict(
                 f"idempotency key {key[:100]!r} was used for another request (job {first.id})"
             )
@@ -134,7 +133,7 @@ class Jobs:
         job = self.known(job_id)
         if job.terminal:
             raise Conflict(f"the job is {job.status.value} already; only unfinished jobs cancel")
-        await self._log.append(event(job_id, "cancelled", job.attempt))
+        await self._log.append(Cancelled(job_id, job.attempt))
         return self._store.get(job_id) or job
 
     async def retry(self, job_id: str) -> Job:
@@ -148,7 +147,7 @@ class Jobs:
         run = job.run + 1
         # The message first: a `retried` event is only written once the job can run. The
         # runner waits for the event when it gets a message of a newer run.
-        spec = {**job.spec(attempt=1), "run": run, "scheduled_for": None, "expires_at": None}
-        await self._broker.publish(orjson.dumps(spec), job.queue, priority=job.priority)
-        await self._log.append({"job": job_id, "event": "retried", "run": run, "at": time.time()})
+        spec = job.spec(attempt=1).replace(run=run, scheduled_for=None, expires_at=None)
+        await self._broker.publish(spec.encode(), job.queue, priority=job.priority)
+        await self._log.append(Retried(job_id, run))
         return self._store.get(job_id) or job

@@ -33,7 +33,8 @@ from aioqueue.broker.base import Broker, Delivery
 from aioqueue.config import JobsSettings
 from aioqueue.context import Context, SyncContext
 from aioqueue.errors import BrokerUnavailable, QueueFull
-from aioqueue.eventlog import EventLog, event
+from aioqueue.eventlog import EventLog
+from aioqueue.events import Dead, Failed, JobSpec, Progress, Retrying, Started, Succeeded
 from aioqueue.gate import PriorityGate
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
@@ -57,7 +58,6 @@ DEATHS = {
     Admission.EXPIRED: ("Expired", "expired"),
     Admission.NO_TASK: ("UnknownTask", "unknown task"),
 }
-SPEC_KEYS = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at", "attempt")
 
 
 class _Hooks:
@@ -72,9 +72,7 @@ class _Hooks:
         self._attempt = attempt
 
     async def progress(self, value: float, message: str | None) -> None:
-        await self._log.append(
-            event(self._job_id, "progress", self._attempt, value=value, message=message)
-        )
+        await self._log.append(Progress(self._job_id, self._attempt, value, message))
 
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
         job = await self._submit({**options, "task": task, "args": args})
@@ -87,13 +85,6 @@ def error_record(exc: BaseException, message: str | None = None) -> dict[str, An
         "message": message or str(exc),
         "traceback": "".join(traceback.format_exception(exc)),
     }
-
-
-def decode_spec(body: bytes) -> dict[str, Any]:
-    spec = orjson.loads(body)
-    if not isinstance(spec, dict) or any(key not in spec for key in SPEC_KEYS):
-        raise ValueError("not a job spec")
-    return spec
 
 
 class Runner:
@@ -155,24 +146,24 @@ class Runner:
 
     async def on_delivery(self, delivery: Delivery) -> None:
         try:
-            spec = decode_spec(delivery.body)
+            spec = JobSpec.decode(delivery.body)
         except ValueError as exc:  # orjson's JSONDecodeError is a ValueError
             logger.error("dead-lettering an undecodable job message: %s", exc)
             await self._broker.dead_letter(delivery.body, f"undecodable: {exc}")
             await delivery.ack()
             return
-        async with self._gates[spec["queue"]].slot(spec.get("priority", 0)):
+        async with self._gates[spec.queue].slot(spec.priority):
             if self._stopping:
                 await delivery.requeue()
                 return
             await self._settle(delivery, spec)
 
-    async def _settle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
+    async def _settle(self, delivery: Delivery, spec: JobSpec) -> None:
         """Handle a job message, and ack or requeue it whatever happens."""
         try:
             await self._handle(delivery, spec)
         except asyncio.CancelledError:
-            job = self._store.get(spec["id"])
+            job = self._store.get(spec.id)
             if job is not None and job.status is JobStatus.CANCELLED:
                 await delivery.ack()  # cancelled by a user: its outcome is recorded
                 return
@@ -185,35 +176,35 @@ class Runner:
             # The outcome is not recorded: give the message back to run it again (or to find
             # the outcome recorded after all, if only the confirm was lost). Not at once: every
             # requeue counts toward the queue's delivery limit, and the broker needs a moment.
-            logger.warning("job %s: outcome not recorded, requeued: %s", spec["id"], exc)
+            logger.warning("job %s: outcome not recorded, requeued: %s", spec.id, exc)
             await asyncio.sleep(REQUEUE_AFTER)
             await delivery.requeue()
         except Exception:
             # A bug, not the task's fault (that is caught in _run). Requeued, the message is
             # dead-lettered by the broker after its delivery limit if the fault persists.
-            logger.exception("job %s: unexpected error, requeued", spec["id"])
+            logger.exception("job %s: unexpected error, requeued", spec.id)
             await delivery.requeue()
 
     async def on_dead(self, body: bytes, reason: str) -> None:
         """Record `dead` for a job message the broker dead-lettered (delivery limit, expiry)."""
         try:
-            spec = decode_spec(body)
+            spec = JobSpec.decode(body)
         except ValueError:
             return
         error = {"type": "DeadLetter", "message": f"dead-lettered by the broker: {reason}"}
-        await self._log.append(event(spec["id"], "dead", spec["attempt"], error=error))
+        await self._log.append(Dead(spec.id, spec.attempt, error))
 
-    async def _handle(self, delivery: Delivery, spec: dict[str, Any]) -> None:
+    async def _handle(self, delivery: Delivery, spec: JobSpec) -> None:
         """Catch up with the log, decide (`admission.admit`), act."""
-        job_id = spec["id"]
+        job_id = spec.id
         if self._store.is_duplicate(job_id):
             logger.info("job %s repeated an idempotency key another job holds: not run", job_id)
             await delivery.ack()
             return
-        message = Message(spec.get("run", 0), spec["attempt"], delivery.redelivered)
+        message = Message(spec.run, spec.attempt, delivery.redelivered)
         job = await self._catch_up(job_id, message)
         first = self.running.get(job_id)
-        task_known = spec["task"] in self._tasks
+        task_known = spec.task in self._tasks
         copy = FirstCopy.NONE if first is None else FirstCopy.RUNNING
         decision = admit(job, message, copy, task_known, time.time())
         if decision.admission is Admission.WAIT:
@@ -238,12 +229,12 @@ class Runner:
             job = self._store.get(job_id)
         return job
 
-    async def _first_copy_ended(self, running: asyncio.Task[Any], spec: dict[str, Any]) -> bool:
+    async def _first_copy_ended(self, running: asyncio.Task[Any], spec: JobSpec) -> bool:
         """Wait for a first copy of the job running here (the broker closed the channel under
         it: consumer_timeout, say); False if it outlives its timeout plus a margin."""
-        job_id, attempt = spec["id"], spec["attempt"]
+        job_id, attempt = spec.id, spec.attempt
         logger.info("job %s attempt %d: redelivered while it runs here: waiting", job_id, attempt)
-        done, _ = await asyncio.wait([running], timeout=spec["timeout"] + FIRST_COPY_MARGIN)
+        done, _ = await asyncio.wait([running], timeout=spec.timeout + FIRST_COPY_MARGIN)
         if not done:
             # A bug (every step of a run is bounded): rather than hold this slot for ever, this
             # copy goes back, to find the outcome or run after its delivery limit.
@@ -255,13 +246,13 @@ class Runner:
             )
         return bool(done)
 
-    async def _act(self, decision: Decision, delivery: Delivery, spec: dict[str, Any]) -> None:
-        job_id, attempt = spec["id"], spec["attempt"]
+    async def _act(self, decision: Decision, delivery: Delivery, spec: JobSpec) -> None:
+        job_id, attempt = spec.id, spec.attempt
         admission = decision.admission
         if admission is Admission.RUN:
             # Not awaited: the outcome, which is, implies the start (see jobs.TARGET).
-            self._log.emit(event(job_id, "started", attempt))
-            await self._run(self._tasks[spec["task"]], spec, delivery.body)
+            self._log.emit(Started(job_id, attempt))
+            await self._run(self._tasks[spec.task], spec, delivery.body)
         elif admission is Admission.REQUEUE:
             logger.info("job %s attempt %d: requeued, %s", job_id, attempt, decision.reason)
             await delivery.requeue()
@@ -276,13 +267,13 @@ class Runner:
             error_type, dead_letter_reason = DEATHS[admission]
             await self._broker.dead_letter(delivery.body, dead_letter_reason)
             error = {"type": error_type, "message": decision.reason}
-            await self._log.append(event(job_id, "dead", attempt, error=error))
+            await self._log.append(Dead(job_id, attempt, error))
         else:
             logger.info("job %s attempt %d: not run, %s", job_id, attempt, decision.reason)
         await delivery.ack()
 
-    async def _run(self, task: Task[Any, Any], spec: dict[str, Any], body: bytes) -> None:
-        job_id, attempt = spec["id"], spec["attempt"]
+    async def _run(self, task: Task[Any, Any], spec: JobSpec, body: bytes) -> None:
+        job_id, attempt = spec.id, spec.attempt
         current = asyncio.current_task()
         assert current is not None
         self.running[job_id] = current
@@ -296,22 +287,22 @@ class Runner:
         except Exception as exc:
             await self._failed(task, spec, body, error_record(exc))
         else:
-            await self._log.append(event(job_id, "succeeded", attempt, result=result))
+            await self._log.append(Succeeded(job_id, attempt, result))
         finally:
             self.running.pop(job_id, None)
 
-    async def _call(self, task: Task[Any, Any], spec: dict[str, Any]) -> Any:
-        positional, keyword = task.signature.bind(spec["args"])
-        hooks = _Hooks(self._log, self._submit, spec["id"], spec["attempt"])
+    async def _call(self, task: Task[Any, Any], spec: JobSpec) -> Any:
+        positional, keyword = task.signature.bind(spec.args)
+        hooks = _Hooks(self._log, self._submit, spec.id, spec.attempt)
         loop = asyncio.get_running_loop()
         if task.signature.takes_context:
             ctx: Context | SyncContext = (
-                Context(spec["id"], task.name, spec["attempt"], hooks)
+                Context(spec.id, task.name, spec.attempt, hooks)
                 if task.is_async
-                else SyncContext(spec["id"], task.name, spec["attempt"], hooks, loop)
+                else SyncContext(spec.id, task.name, spec.attempt, hooks, loop)
             )
             positional.insert(0, ctx)
-        async with asyncio.timeout(spec["timeout"]):
+        async with asyncio.timeout(spec.timeout):
             if task.is_async:
                 return await task.fn(*positional, **keyword)
             # A thread cannot be stopped: at the timeout the job fails, the thread runs on.
@@ -326,20 +317,18 @@ class Runner:
             self.busy_threads -= 1
 
     async def _failed(
-        self, task: Task[Any, Any], spec: dict[str, Any], body: bytes, error: dict[str, Any]
+        self, task: Task[Any, Any], spec: JobSpec, body: bytes, error: dict[str, Any]
     ) -> None:
-        job_id, attempt = spec["id"], spec["attempt"]
-        if attempt >= spec["max_attempts"]:
+        job_id, attempt = spec.id, spec.attempt
+        if attempt >= spec.max_attempts:
             await self._broker.dead_letter(body, "failed")
-            await self._log.append(event(job_id, "failed", attempt, error=error))
+            await self._log.append(Failed(job_id, attempt, error))
             return
         delay = await self._publish_retry(spec, self._backoff(task, attempt))
         scheduled_for = time.time() + delay
-        await self._log.append(
-            event(job_id, "retrying", attempt, error=error, scheduled_for=scheduled_for)
-        )
+        await self._log.append(Retrying(job_id, attempt, error, scheduled_for))
 
-    async def _publish_retry(self, spec: dict[str, Any], delay: float) -> float:
+    async def _publish_retry(self, spec: JobSpec, delay: float) -> float:
         """Publish the next attempt's message, after `delay` seconds or later; returns when.
 
         A full queue refuses it as it refuses a submit (QueueFull). Left to the caller, that
@@ -347,16 +336,16 @@ class Runner:
         the delivery limit, so the job could end `dead` without its attempts. Through the delay
         queues instead, the retry waits for room, and this attempt is over.
         """
-        body = orjson.dumps({**spec, "attempt": spec["attempt"] + 1})
-        queue, priority = spec["queue"], spec.get("priority", 0)
+        body = spec.replace(attempt=spec.attempt + 1).encode()
+        queue, priority = spec.queue, spec.priority
         try:
             await self._broker.publish(body, queue, delay, priority)
         except QueueFull:
             delay = max(delay, FULL_QUEUE_RETRY_DELAY)
             logger.info(
                 "job %s attempt %d: queue %s is full, the retry waits %g s and then for room",
-                spec["id"],
-                spec["attempt"],
+                spec.id,
+                spec.attempt,
                 queue,
                 delay,
             )
@@ -378,8 +367,8 @@ def _check_json(result: Any) -> None:
         raise TypeError(f"the task returned a value that is not JSON: {exc}") from None
 
 
-def _timeout_message(exc: TimeoutError, spec: dict[str, Any]) -> str:
-    return str(exc) or f"timed out after {spec['timeout']:g} s"
+def _timeout_message(exc: TimeoutError, spec: JobSpec) -> str:
+    return str(exc) or f"timed out after {spec.timeout:g} s"
 
 
 def _stack(task: asyncio.Task[Any]) -> str:

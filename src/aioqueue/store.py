@@ -28,10 +28,13 @@ from typing import Any
 import orjson
 
 from aioqueue.errors import FieldError, InvalidRequest
+from aioqueue.events import JobEvent, JobSpec, Queued, Rejected
 from aioqueue.jobs import EventType, IllegalTransition, Job, JobStatus, apply
 
 logger = logging.getLogger(__name__)
 
+#: What the store applies: a job's events, and two that create or withdraw a job.
+StoreEvent = JobEvent | Queued | Rejected
 #: Called after every change with the event's name and the job as it is now.
 ChangeListener = Callable[[str, Job], None]
 
@@ -210,34 +213,33 @@ class JobStore:
 
     # Changing -------------------------------------------------------------------------------
 
-    def create(self, spec: dict[str, Any]) -> Job | None:
+    def create(self, spec: JobSpec) -> Job | None:
         """Add a newly queued job; None (and no change) if the id is known already."""
-        job_id = spec["id"]
-        if self.get(job_id) is not None or self.is_duplicate(job_id):
+        if self.get(spec.id) is not None or self.is_duplicate(spec.id):
             return None
-        key = spec.get("idempotency_key")
+        key = spec.idempotency_key
         if key is not None and self.for_key(key) is not None:
-            self._new_duplicates.append((job_id, self._clock()))
+            self._new_duplicates.append((spec.id, self._clock()))
             return None
         job = Job.from_spec(spec)
-        self._seq_of_new[job_id] = self._next_seq
+        self._seq_of_new[job.id] = self._next_seq
         self._next_seq += 1
         self._count += 1
         self._cached(job)
-        self._dirty[job_id] = None
+        self._dirty[job.id] = None
         self._changed(job.status.value, job)  # the event is `queued` or `scheduled`
         return job
 
-    def apply(self, event: dict[str, Any]) -> Job | None:
+    def apply(self, event: StoreEvent) -> Job | None:
         """Apply one event; None (and no change) if it does not apply to the job's state."""
-        if event["event"] == "queued":  # a job recorded again by a runner of an earlier version
-            return self.create(event["spec"])
-        if event["event"] == "rejected":  # its queue refused it: it was never accepted
-            self._forget(event["job"])
+        if isinstance(event, Queued):
+            return self.create(event.spec)
+        if isinstance(event, Rejected):  # its queue refused it: it was never accepted
+            self._forget(event.job)
             return None
-        job = self.get(event["job"])
+        job = self.get(event.job)
         if job is None:
-            logger.debug("event %s for unknown job %s", event["event"], event["job"])
+            logger.debug("%s for unknown job %s", type(event).__name__, event.job)
             return None
         try:
             kind = apply(job, event)

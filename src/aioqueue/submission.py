@@ -18,6 +18,7 @@ import orjson
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import FieldError, InvalidRequest, NotFound
+from aioqueue.events import JobSpec
 from aioqueue.tasks import PRIORITIES, Task
 
 FIELDS = frozenset(
@@ -56,7 +57,7 @@ def build_spec(
     now: float,
     idempotency_key: str | None = None,
     max_timeout: float = MAX_TIMEOUT,
-) -> dict[str, Any]:
+) -> JobSpec:
     """Check a submit body and return the job's spec; raises InvalidRequest or NotFound."""
     if not isinstance(body, dict):
         raise InvalidRequest(
@@ -86,28 +87,26 @@ def build_spec(
         errors += exc.errors
     if errors:
         raise InvalidRequest(f"the job for task {name!r} is invalid", errors)
-    spec = {
-        "id": new_job_id(),
-        "task": name,
-        "queue": queue,
-        "args": args,
-        "max_attempts": max_attempts,
-        "timeout": timeout,
-        "created_at": now,
-        "attempt": 1,
-        "scheduled_for": now + delay if delay > 0 else None,
-        "priority": priority,
-        # Not started by then, the job is `dead` (counted from when it is due).
-        "expires_at": None if ttl is None else now + delay + ttl,
-    }
+    fingerprint = None
     if key is not None:
         # What "the same body" means for a repeated key: the request, less the key itself.
         request = {k: v for k, v in body.items() if k != "idempotency_key"}
-        spec["idempotency_key"] = key
-        spec["fingerprint"] = hashlib.sha256(
-            orjson.dumps(request, option=orjson.OPT_SORT_KEYS)
-        ).hexdigest()
-    return spec
+        fingerprint = hashlib.sha256(orjson.dumps(request, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return JobSpec(
+        id=new_job_id(),
+        task=name,
+        queue=queue,
+        args=args,
+        max_attempts=max_attempts,
+        timeout=timeout,
+        created_at=now,
+        scheduled_for=now + delay if delay > 0 else None,
+        priority=priority,
+        # Not started by then, the job is `dead` (counted from when it is due).
+        expires_at=None if ttl is None else now + delay + ttl,
+        idempotency_key=key,
+        fingerprint=fingerprint,
+    )
 
 
 def _queue(
