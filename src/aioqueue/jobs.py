@@ -19,6 +19,7 @@ from typing import Any
 
 from aioqueue.events import (
     NAMES,
+    SPEC_FIELDS,
     Cancelled,
     Dead,
     Failed,
@@ -179,41 +180,12 @@ class Job:
     @classmethod
     def from_spec(cls, spec: JobSpec) -> Job:
         """Build the record of a newly queued job from its message (see `spec()`)."""
-        return cls(
-            id=spec.id,
-            task=spec.task,
-            queue=spec.queue,
-            args=spec.args,
-            max_attempts=spec.max_attempts,
-            timeout=spec.timeout,
-            created_at=spec.created_at,
-            attempt=spec.attempt,
-            scheduled_for=spec.scheduled_for,
-            run=spec.run,
-            idempotency_key=spec.idempotency_key,
-            fingerprint=spec.fingerprint,
-            priority=spec.priority,
-            expires_at=spec.expires_at,
-        )
+        return cls(**{name: getattr(spec, name) for name in SPEC_FIELDS})
 
     def spec(self, attempt: int | None = None) -> JobSpec:
         """What a job message carries: enough to run the job and to rebuild its record."""
-        return JobSpec(
-            id=self.id,
-            task=self.task,
-            queue=self.queue,
-            args=self.args,
-            max_attempts=self.max_attempts,
-            timeout=self.timeout,
-            created_at=self.created_at,
-            attempt=self.attempt if attempt is None else attempt,
-            scheduled_for=self.scheduled_for,
-            run=self.run,
-            idempotency_key=self.idempotency_key,
-            fingerprint=self.fingerprint,
-            priority=self.priority,
-            expires_at=self.expires_at,
-        )
+        fields = {name: getattr(self, name) for name in SPEC_FIELDS}
+        return JobSpec(**{**fields, "attempt": self.attempt if attempt is None else attempt})
 
     def to_state(self) -> dict[str, Any]:
         """Every field, as JSON can hold it (what the job store keeps)."""
