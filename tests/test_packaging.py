@@ -33,6 +33,11 @@ def test_compose_runs_aioqueue_against_the_rabbitmq_service() -> None:
     assert app["environment"]["AIOQUEUE_HTTP__HOST"] == "0.0.0.0"
     assert "8080:8080" in app["ports"] and app["build"] == "."
     assert app["restart"] == "unless-stopped"
+    # The job store outlives the container, where the image keeps it (below).
+    assert (
+        "aioqueue-data:/var/lib/aioqueue" in app["volumes"]
+        and "aioqueue-data" in compose["volumes"]
+    )
 
 
 def test_dockerfile_serves_the_examples_and_checks_health() -> None:
@@ -42,6 +47,9 @@ def test_dockerfile_serves_the_examples_and_checks_health() -> None:
     healthcheck = dockerfile[dockerfile.index("HEALTHCHECK") :].split("\nCMD")[0]
     assert "/healthz" in healthcheck
     assert "USER " in dockerfile and "EXPOSE 8080" in dockerfile
+    # A folder the user may write, for the job store (else it falls back to a temporary file).
+    assert "ENV AIOQUEUE_STORE__DIR=/var/lib/aioqueue" in dockerfile
+    assert "chown aioqueue /var/lib/aioqueue" in dockerfile
 
 
 def test_ci_and_the_readme_use_the_same_test_command() -> None:
