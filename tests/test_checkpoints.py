@@ -74,9 +74,13 @@ async def make_service(
     """Services on one log; each `folder` is a process's own disk (a fresh one: a new host)."""
     started: list[Service] = []
 
-    async def make(folder: str, app: Any = None, **store: Any) -> Service:
+    async def make(
+        folder: str, app: Any = None, broker: dict[str, Any] | None = None, **store: Any
+    ) -> Service:
         settings = Settings(
-            broker=BrokerSettings(url=amqp_url, prefix=prefix, confirm_timeout=3.0),
+            broker=BrokerSettings(
+                url=amqp_url, prefix=prefix, confirm_timeout=3.0, **(broker or {})
+            ),
             jobs=dataclasses.replace(JobsSettings(), result_ttl=3600),
             store=dataclasses.replace(StoreSettings(dir=str(tmp_path / folder)), **store),
         )
@@ -221,6 +225,29 @@ async def test_a_store_older_than_the_log_retention_says_what_it_misses(
     caplog.set_level(logging.ERROR, "aioqueue.broker.amqp")
     await make_service("host-a", app, log_max_bytes=2**20)
     assert "the event log goes on at offset" in caplog.text
+
+
+async def test_a_new_log_is_read_from_its_start_and_the_store_keeps_its_jobs(
+    make_service: Any, amqp_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log stream deleted and declared again (its offsets start at 0 again): a store that
+    applied more than it holds would wait for ever for an offset past its tail."""
+    quick = {"heartbeat": 2}  # how long a resumed log may stay silent before it counts as new
+    first = await make_service("host-a", broker=quick)
+    job = await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    for n in range(5):  # so that the store's offset is past the new log's first entries
+        await first.jobs.submit({"task": "add", "args": [n], "delay": THIRTY_DAYS})
+    await first.close()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{prefix}.events")
+    caplog.set_level(logging.ERROR, "aioqueue.broker.amqp")
+    again = await make_service("host-a", broker=quick)
+    assert "the event log has no entry at offset" in caplog.text
+    assert again.jobs.get(job.id).status is JobStatus.SCHEDULED  # the store kept its jobs
+    later = await again.jobs.submit({"task": "add", "args": [2]})
+    assert (await until_terminal(again, later.id)).status is JobStatus.SUCCEEDED
 
 
 async def publish_chunks(url: str, stream: str, chunks: list[tuple[int, bytes]]) -> None:

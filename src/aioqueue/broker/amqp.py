@@ -225,6 +225,8 @@ class AmqpBroker(Broker):
         self._next_offset = 0
         self._log_unacked = 0
         self._log_last: tuple[RawChannel, int] | None = None
+        #: Whether the log consumer got anything since it was last attached.
+        self._log_heard = False
         self._log_ack_timer: asyncio.TimerHandle | None = None
         #: Deliveries being handled. Their tasks are this broker's, not aiormq's: aiormq cancels
         #: its callback tasks when their channel closes, and a job must not stop because the
@@ -453,15 +455,36 @@ class AmqpBroker(Broker):
         # past the tail would deliver nothing. The repeated entry is skipped below.
         offset: int | str = max(self._next_offset - 1, 0) if self._next_offset else "first"
         self._log_unacked = 0
+        self._log_heard = False
 
         async def on_message(message: DeliveredMessage) -> None:
             await self._on_log_message(channel, message)
 
         await channel.basic_consume(name, on_message, arguments={"x-stream-offset": offset})
+        if isinstance(offset, int):
+            # The entry at `offset` (the last one applied) comes at once, or a later one if the
+            # retention dropped it. None at all: the log is shorter than the store, which only a
+            # new log (deleted and declared again) is, and an offset past the tail delivers
+            # nothing ever.
+            delay = self._settings.heartbeat
+            asyncio.get_running_loop().call_later(delay, self._check_log_heard, session, offset)
+
+    def _check_log_heard(self, session: _Session, offset: int) -> None:
+        if self._log_heard or session is not self._session or session.lost.is_set():
+            return
+        logger.error(
+            "the event log has no entry at offset %d, the last this process applied: it is a new"
+            " log (deleted and declared again?). Reading it from its start; the jobs the store"
+            " knows stay",
+            offset,
+        )
+        self._next_offset = 0
+        session.end("the event log is shorter than the job store: reading it from its start")
 
     async def _on_log_message(self, channel: RawChannel, message: DeliveredMessage) -> None:
         # Applied before the first await: aiormq runs callbacks as tasks in delivery order, and
         # applying synchronously keeps the log in order.
+        self._log_heard = True
         headers = _headers(message)
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int) and offset >= self._next_offset:
