@@ -60,6 +60,22 @@ def check_timeouts(registry: Registry, settings: Settings) -> None:
             )
 
 
+def claim_store_file(settings: Settings) -> StoreFile:
+    """The file of this process's job store on RabbitMQ: one per log, locked to this process."""
+    name = storefile.file_name(settings.broker.url, settings.broker.prefix)
+    return StoreFile.claim(settings.store.dir, name)
+
+
+def make_checkpointer(settings: Settings, store: JobStore, log: EventLog) -> Checkpointer:
+    from aioqueue.broker.checkpoints import CheckpointStreams  # aio-pika: only when used
+
+    streams = CheckpointStreams(
+        settings.broker.url, settings.broker.prefix, CHECKPOINT_CALL_TIMEOUT
+    )
+    interval, log_max_bytes = settings.store.checkpoint_interval, settings.store.log_max_bytes
+    return Checkpointer(streams, store, log, interval, log_max_bytes)
+
+
 class ServiceState(StrEnum):
     """Where a service is in its life; `/readyz` is 200 only when READY and the broker is well."""
 
@@ -83,33 +99,20 @@ class Service:
         self.settings = settings
         self.state = ServiceState.STARTING
         self.broker = make_broker(settings.broker, settings.store.log_max_bytes)
-        self.store_file: StoreFile | None = None
-        if self.broker.durable:
-            name = storefile.file_name(settings.broker.url, settings.broker.prefix)
-            self.store_file = StoreFile.claim(settings.store.dir, name)
-            self.store = self.store_file.open(settings.jobs.result_ttl)
-        else:
-            self.store = JobStore(settings.jobs.result_ttl)
+        self.store_file = claim_store_file(settings) if self.broker.durable else None
+        result_ttl = settings.jobs.result_ttl
+        self.store = (
+            JobStore(result_ttl) if self.store_file is None else self.store_file.open(result_ttl)
+        )
         self.log = EventLog(
             self.broker,
             self.store,
             submit_timeout=settings.broker.confirm_timeout,
             write_timeout=settings.broker.heartbeat,
         )
-        self.checkpointer: Checkpointer | None = None
-        if self.store_file is not None:
-            from aioqueue.broker.checkpoints import CheckpointStreams  # aio-pika: only when used
-
-            streams = CheckpointStreams(
-                settings.broker.url, settings.broker.prefix, CHECKPOINT_CALL_TIMEOUT
-            )
-            self.checkpointer = Checkpointer(
-                streams,
-                self.store,
-                self.log,
-                settings.store.checkpoint_interval,
-                settings.store.log_max_bytes,
-            )
+        self.checkpointer = (
+            None if self.store_file is None else make_checkpointer(settings, self.store, self.log)
+        )
         max_timeout = (
             settings.broker.consumer_timeout if self.broker.durable else submission.MAX_TIMEOUT
         )
