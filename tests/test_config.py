@@ -225,9 +225,10 @@ def test_describe_covers_every_field_with_its_default() -> None:
         if dataclasses.is_dataclass(section.type):
             for f in dataclasses.fields(section.type):
                 key = f"{section.name}.{f.name}"
-                expected[key] = (env_name(key), f.default)
+                default = list(f.default) if isinstance(f.default, tuple) else f.default
+                expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 4 + 8 + 6 + 3 + 3 + 1
+    assert "source" not in rows and len(rows) == 1 + 4 + 8 + 6 + 3 + 4 + 1
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:
@@ -269,3 +270,35 @@ def test_the_readme_shows_the_repository_config_toml_as_it_is() -> None:
     """The configuration section of the README is the file itself, so neither drifts."""
     config = (ROOT / "config.toml").read_text()
     assert f"```toml\n{config}```\n" in (ROOT / "README.md").read_text()
+
+
+def test_allowed_origins_come_as_a_toml_list_or_json_in_the_environment(tmp_path: Path) -> None:
+    path = write(
+        tmp_path, '[ws]\nallowed_origins = ["https://app.example", "http://x.test:8080"]\n'
+    )
+    assert load(path, environ={}).ws.allowed_origins == (
+        "https://app.example",
+        "http://x.test:8080",
+    )
+    env = {"AIOQUEUE_WS__ALLOWED_ORIGINS": '["*"]'}
+    assert load(environ=env).ws.allowed_origins == ("*",)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"https://app.example"',
+        '["app.example"]',
+        '["https://app.example/path"]',
+        "[1]",
+        '["ftp://x"]',
+    ],
+)
+def test_a_bad_allowed_origins_is_a_one_line_error(tmp_path: Path, value: str) -> None:
+    message = error_of(tmp_path, f"[ws]\nallowed_origins = {value}\n")
+    assert message.startswith("ws.allowed_origins = ")
+
+
+def test_allowed_origins_in_the_environment_must_be_a_json_list(tmp_path: Path) -> None:
+    message = error_of(tmp_path, environ={"AIOQUEUE_WS__ALLOWED_ORIGINS": "https://app.example"})
+    assert "AIOQUEUE_WS__ALLOWED_ORIGINS" in message and "expected a list of origins" in message

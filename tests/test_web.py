@@ -58,7 +58,9 @@ def serve(
             broker=BrokerSettings(url=broker_url, prefix=prefix, confirm_timeout=3.0),
             jobs=JobsSettings(shutdown_grace=0.2),
             http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
-            ws=WsSettings(max_subscriptions=3, max_frame_bytes=2048),
+            ws=WsSettings(
+                max_subscriptions=3, max_frame_bytes=2048, allowed_origins=("https://app.example",)
+            ),
             store=StoreSettings(dir=str(tmp_path)),
         )
         test_client = await aiohttp_client(create_app(make_app(), settings))
@@ -427,3 +429,51 @@ async def test_a_body_that_stops_arriving_is_a_408_not_a_hang(client: Client) ->
     finally:
         writer.close()
     assert job_count(client) == 0
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),  # not a browser
+        ("http://localhost:3000", True),
+        ("http://127.0.0.1:5173", True),
+        ("http://[::1]:8000", True),
+        ("https://app.example", True),  # ws.allowed_origins
+        ("HTTPS://APP.EXAMPLE:443", True),  # the same origin, written otherwise
+        ("https://app.example:8443", False),  # another port is another origin
+        ("https://evil.example", False),
+        ("https://app.example.evil.example", False),
+        ("null", False),  # a sandboxed page or a file: not an origin
+        ("https://app.example/path", False),
+    ],
+)
+async def test_a_browser_may_open_the_websocket_only_from_an_allowed_origin(
+    client: Client, origin: str | None, allowed: bool
+) -> None:
+    """Cross-site websocket hijacking: a page elsewhere must not open it with the user's
+    cookies. Browsers always send Origin and cannot forge it; other clients send none."""
+    headers = {} if origin is None else {"Origin": origin}
+    response = await client.get("/v1/ws", headers={**headers, **UPGRADE})
+    if allowed:
+        assert response.status == 101
+        response.close()
+    else:
+        assert response.status == 403
+        document = await response.json(content_type="application/problem+json")
+        assert document["status"] == 403
+        assert "not allowed" in document["detail"] or "not an origin" in document["detail"]
+
+
+async def test_the_websocket_is_open_to_its_own_origin(client: Client) -> None:
+    own = f"http://{client.host}:{client.port}"
+    response = await client.get("/v1/ws", headers={"Origin": own, **UPGRADE})
+    assert response.status == 101
+    response.close()
+
+
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}

@@ -25,6 +25,8 @@ from dataclasses import Field, dataclass, field, fields, is_dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from aioqueue.errors import ConfigError
 
 _PREFIX = "AIOQUEUE_"
@@ -34,7 +36,7 @@ _Ok = Callable[[Any], bool | str]  # True, or False (the value is not `expected`
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    kind: type  # int, float or str: what the value must be once parsed
+    kind: type  # int, float, str or tuple (of str): what the value must be once parsed
     expected: str  # what a good value looks like
     ok: _Ok
     optional: bool = False  # "" means unset (None)
@@ -70,6 +72,29 @@ def _broker_url_ok(url: str) -> bool:
     if parts.scheme == "memory":
         return url == "memory://"
     return parts.scheme in ("amqp", "amqps") and bool(parts.hostname)
+
+
+def _origins_ok(origins: tuple[object, ...]) -> bool | str:
+    for origin in origins:
+        if origin != "*" and not (isinstance(origin, str) and normal_origin(origin)):
+            return f"{str(origin)[:60]!r} is not an origin like https://example.com[:port]"
+    return True
+
+
+def normal_origin(origin: str) -> str | None:
+    """`scheme://host[:port]` in lower case, or None if `origin` is not one (RFC 6454)."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        return None
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
 
 
 def _auth_mode_ok(mode: str) -> bool | str:
@@ -126,6 +151,10 @@ class WsSettings:
     max_subscriptions: int = _int(100, 1)
     send_buffer: int = _int(256, 1)
     max_frame_bytes: int = _int(1048576, 64)
+    # Origins a browser may open the websocket from, besides its own and localhost; "*": any.
+    allowed_origins: tuple[str, ...] = _key(
+        (), tuple, 'expected a list of origins like ["https://example.com"], or ["*"]', _origins_ok
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +191,11 @@ _BY_ENV = {env_name(key): key for key in _KEYS}
 
 def describe() -> list[tuple[str, str, object]]:
     """(dotted key, environment variable, default) of every key, in declaration order."""
-    return [(key, env_name(key), f.default) for key, f in _KEYS.items()]
+    # A list's default as a list: the form a config.toml and (as JSON) the environment take.
+    return [
+        (key, env_name(key), list(f.default) if isinstance(f.default, tuple) else f.default)
+        for key, f in _KEYS.items()
+    ]
 
 
 def _error(message: str) -> ConfigError:
@@ -186,7 +219,14 @@ def _hint(word: str, candidates: Iterable[str], quote: str = "'") -> str:
 
 
 def _parse(text: str, kind: type) -> object:
-    """Env/flag text as `kind`; None when it does not parse (the type check then fails)."""
+    """Env/flag text as `kind`; None when it does not parse (the type check then fails). A list
+    is written as JSON (`AIOQUEUE_WS__ALLOWED_ORIGINS='["https://example.com"]'`)."""
+    if kind is tuple:
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None
+        return tuple(value) if isinstance(value, list) else None
     if kind is int:
         return int(text) if re.fullmatch(r"[+-]?[0-9]+", text.strip()) else None
     try:
@@ -202,6 +242,8 @@ def _convert(key: str, raw: object, where: str, text: bool) -> Any:
         value = _parse(raw, rule.kind)
     if rule.kind is float and type(value) is int:
         value = float(value)
+    if rule.kind is tuple and type(value) is list:  # from TOML
+        value = tuple(value)
     if rule.optional and value == "":
         return None
     if type(value) is not rule.kind or (isinstance(value, float) and not math.isfinite(value)):

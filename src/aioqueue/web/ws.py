@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
 
+from aioqueue.config import normal_origin
 from aioqueue.errors import (
     BrokerUnavailable,
     Conflict,
@@ -22,6 +24,7 @@ from aioqueue.errors import (
     QueueFull,
 )
 from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
+from aioqueue.web.problems import problem
 from aioqueue.web.state import STATE, State
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,27 @@ HEARTBEAT = 30.0
 #: The kernel's send buffer per websocket. Linux grows it up to 4 MiB on its own, which would let
 #: each client that does not read hold megabytes before the hub notices (G5).
 SEND_BUFFER_BYTES = 128 * 1024
+
+
+#: Hosts a browser page may always open the websocket from (a developer's own machine).
+LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def origin_refused(request: web.Request, allowed: tuple[str, ...]) -> str | None:
+    """Why a handshake from this request's `Origin` is refused; None if it may go on: no
+    `Origin` (not a browser), the request's own origin, localhost, or one of `allowed`."""
+    origin = request.headers.get("Origin")
+    if origin is None or "*" in allowed:
+        return None
+    normal = normal_origin(origin)
+    if normal is None:
+        return f"the Origin header {origin[:100]!r} is not an origin"
+    parts = urlsplit(normal)
+    if parts.hostname in LOCAL_HOSTS:
+        return None
+    if parts.netloc == request.host.lower() or normal in {normal_origin(a) for a in allowed}:
+        return None
+    return f"websockets from {normal} are not allowed (ws.allowed_origins)"
 
 
 class FrameError(Exception):
@@ -43,6 +67,11 @@ class FrameError(Exception):
 
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    refused = origin_refused(request, state.settings.ws.allowed_origins)
+    if refused is not None:
+        # Cross-site websocket hijacking: a page elsewhere opening this socket with the
+        # browser's cookies. Only browsers send Origin, and they cannot forge it.
+        return problem(403, "Forbidden", refused)
     ws = web.WebSocketResponse(
         max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT, timeout=CLOSE_TIMEOUT
     )
