@@ -477,3 +477,38 @@ UPGRADE = {
     "Sec-WebSocket-Version": "13",
     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
 }
+
+
+async def test_a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_is_not(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> None:
+    """Half-open connections (a peer gone without a FIN) must not pile up: the server pings
+    every ws.heartbeat seconds and drops a peer with no pong within half of it."""
+    settings = Settings(ws=WsSettings(heartbeat=0.4))
+    client = await aiohttp_client(create_app(make_app(), settings))
+    state = client.app[STATE]
+    silent = await client.ws_connect("/v1/ws", autoping=False)  # never answers a ping
+    alive = await client.ws_connect("/v1/ws")  # answers each ping it reads
+    replies: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def read(ws: Any) -> None:
+        async for message in ws:
+            await replies.put(message.json())
+
+    reader = asyncio.create_task(read(alive))
+    pings = 0
+    async with asyncio.timeout(5):
+        while (message := await silent.receive()).type is WSMsgType.PING:
+            pings += 1
+    assert pings >= 1 and message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR)
+    for _ in range(100):  # the server lets go of it too
+        if len(state.connections) == 1:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1.2)  # three heartbeats more for the one that answers
+    await alive.send_json({"op": "ping"})
+    async with asyncio.timeout(2):
+        assert (await replies.get())["type"] == "pong"
+    assert len(state.connections) == 1
+    await alive.close()
+    await reader

@@ -151,6 +151,7 @@ class WsSettings:
     max_subscriptions: int = _int(100, 1)
     send_buffer: int = _int(256, 1)
     max_frame_bytes: int = _int(1048576, 64)
+    heartbeat: float = _float(30.0, 0, above=True)  # seconds between pings; no pong in half: closed
     # Origins a browser may open the websocket from, besides its own and localhost; "*": any.
     allowed_origins: tuple[str, ...] = _key(
         (), tuple, 'expected a list of origins like ["https://example.com"], or ["*"]', _origins_ok

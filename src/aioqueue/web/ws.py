@@ -29,8 +29,6 @@ from aioqueue.web.state import STATE, State
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between server pings; a client that misses a pong is closed.
-HEARTBEAT = 30.0
 #: The kernel's send buffer per websocket. Linux grows it up to 4 MiB on its own, which would let
 #: each client that does not read hold megabytes before the hub notices (G5).
 SEND_BUFFER_BYTES = 128 * 1024
@@ -73,7 +71,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # browser's cookies. Only browsers send Origin, and they cannot forge it.
         return problem(403, "Forbidden", refused)
     ws = web.WebSocketResponse(
-        max_msg_size=state.settings.ws.max_frame_bytes, heartbeat=HEARTBEAT, timeout=CLOSE_TIMEOUT
+        max_msg_size=state.settings.ws.max_frame_bytes,
+        heartbeat=state.settings.ws.heartbeat,
+        timeout=CLOSE_TIMEOUT,
     )
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
