@@ -222,7 +222,7 @@ async def _check(settings: Settings) -> int:
             await service.close()
     print(f"aioqueue check: ok: config valid, broker {redact(settings.broker.url)} reached,")
     print(f"  topology declared for queues {', '.join(sorted(app.queues))};")
-    print(f"  {len(service.store)} jobs in the event log; tasks: {', '.join(sorted(app.tasks))}")
+    print(f"  {len(service.store)} jobs in the store; tasks: {', '.join(sorted(app.tasks))}")
     return EXIT_OK
 
 
