@@ -116,6 +116,31 @@ async def test_a_fresh_process_starts_from_the_newest_checkpoint(make_service: A
     assert (await second.jobs.cancel(later.id)).status is JobStatus.CANCELLED
 
 
+async def test_checkpoints_follow_changes_and_an_idle_log_gets_none(make_service: Any) -> None:
+    """Written every interval while jobs change; none while nothing does (each would add its own
+    notes to the log for nothing)."""
+    service = await make_service("host-a", checkpoint_interval=0.2)
+
+    def done() -> int:
+        return sum(entry["checkpoint"] == "done" for entry in service.checkpointer.known)
+
+    async def until_more_than(count: int) -> None:
+        for _ in range(200):  # 10 s
+            if done() > count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no checkpoint after {count} in 10 s")
+
+    await service.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
+    await until_more_than(0)
+    settled = done()
+    await asyncio.sleep(1.5)  # several intervals, with only the log's empty entries
+    await service.log.barrier()
+    assert done() == settled
+    await service.jobs.submit({"task": "add", "args": [2], "delay": THIRTY_DAYS})
+    await until_more_than(settled)
+
+
 async def test_a_store_of_its_own_newer_than_the_checkpoint_is_kept(make_service: Any) -> None:
     first = await make_service("host-a")
     await first.checkpointer.write()

@@ -2,7 +2,8 @@
 
 Every process on RabbitMQ checks now and then whether a checkpoint is due: `checkpoint_interval`
 seconds (times a jitter of this process's own, so that processes seldom race) after the newest
-one, or once the log grew by a quarter of its retention (`store.log_max_bytes`) since it. The
+one, or once the log grew by a quarter of its retention (`store.log_max_bytes`) since it, and
+only if a job changed since (an idle deployment writes none). The
 first to find one due writes it; the others learn of it from the log, where its life is recorded
 (`begin`, `done`, `deleted`), and wait for the next. So the log must reach back to the newest
 checkpoint only, which its retention by size does, with room for four.
@@ -57,6 +58,7 @@ class Checkpointer:
         self._max_bytes = log_max_bytes // 4
         self._since = time.time()
         self._bytes_then = 0
+        self._changes_then = 0
         log.on_checkpoint = self._noted
 
     # What the log says -------------------------------------------------------------------------
@@ -77,9 +79,14 @@ class Checkpointer:
         if phase == "done":
             self._since = event["at"]
             self._bytes_then = self._log.bytes_applied
+            self._changes_then = self._log.changes_applied
         self._store.set_meta("checkpoints", known)
 
     def due(self) -> bool:
+        if self._log.changes_applied == self._changes_then and any(
+            entry["checkpoint"] == "done" for entry in self.known
+        ):
+            return False  # no job changed since the newest: an idle log stays idle
         grown = self._log.bytes_applied - self._bytes_then >= self._max_bytes
         return grown or time.time() - self._since >= self._interval
 

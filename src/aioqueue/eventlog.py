@@ -55,6 +55,8 @@ class EventLog:
         #: Log entries applied so far (all processes' writes), and their bytes.
         self.entries_applied = 0
         self.bytes_applied = 0
+        #: Of those, the entries that changed a job (not barriers, not checkpoint notes).
+        self.changes_applied = 0
         #: Called with each checkpoint record the log holds (see checkpointer.py).
         self.on_checkpoint: Callable[[dict[str, Any]], None] | None = None
 
@@ -79,11 +81,12 @@ class EventLog:
                 spec = JobSpec.decode(body)
                 self._store.create(spec)
                 key = spec.id
+                self.changes_applied += 1
             else:
                 entry = orjson.loads(body)
-                for item in entry["events"]:
-                    self._apply(item)
+                changes = [self._apply(item) for item in entry["events"]]
                 key = entry["id"]
+                self.changes_applied += any(changes)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.exception("skipping a log entry that cannot be applied: %.200r", body)
             return
@@ -95,16 +98,19 @@ class EventLog:
         if echo is not None and not echo.done():
             echo.set_result(None)
 
-    def _apply(self, item: Any) -> None:
+    def _apply(self, item: Any) -> bool:
+        """Apply one event of an entry; whether it was a job's."""
         try:
             event = events.decode(item)
         except ValueError as exc:  # one bad event spoils none of the others
             logger.error("skipping an event that cannot be applied: %s", exc)
-            return
+            return False
         if not isinstance(event, CheckpointNote):
             self._store.apply(event)
-        elif self.on_checkpoint is not None:
+            return True
+        if self.on_checkpoint is not None:
             self.on_checkpoint(event.fields)
+        return False
 
     # Writing --------------------------------------------------------------------------------
 

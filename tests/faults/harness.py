@@ -250,7 +250,7 @@ async def count_outcomes(amqp_url: str, prefix: str, report: Report) -> None:
         async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             if (message.headers or {}).get("aq-kind") == "events":
                 for event in orjson.loads(message.body)["events"]:
-                    if event["event"] in TERMINAL:
+                    if event.get("event") in TERMINAL:  # (checkpoint notes have none)
                         outcomes[event["job"]] += 1
             arrived.set()
             await message.ack()

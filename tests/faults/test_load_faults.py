@@ -161,3 +161,46 @@ async def test_an_instance_sigkilled_and_restarted_mid_load(
     report = Report("aioqueue SIGKILL, restart")
     await run_load(http, lambda: list(live), report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
     await account(http, report, lambda: list(live), rabbit, prefix, tmp_path)
+
+
+async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """Row 28 under load: a process with no disk of its own joins from the newest checkpoint
+    (written every second here), then the first one is SIGKILLed: the newcomer answers for every
+    job, those accepted before it joined included, and runs the rest."""
+    often = {
+        "AQ_TEST_TASK_LOG": str(tmp_path / "runs.log"),
+        "AIOQUEUE_STORE__CHECKPOINT_INTERVAL": "1",
+    }
+    a = ServeProcess(rabbit.url, prefix, often).start(tmp_path)
+    servers.append(a)
+    await wait_ready(http, a.url)
+    live = [a.url]
+    joined: list[ServeProcess] = []
+
+    async def fault(mark: Callable[[], None]) -> None:
+        for _ in range(100):  # the load goes on meanwhile; a checkpoint comes within 1.25 s
+            if "wrote checkpoint" in a.log():
+                break
+            await asyncio.sleep(0.1)
+        fresh = {**often, "AIOQUEUE_STORE__DIR": str(tmp_path / "new-host")}
+        newcomer = await asyncio.to_thread(ServeProcess(rabbit.url, prefix, fresh).start, tmp_path)
+        servers.append(newcomer)
+        joined.append(newcomer)
+        await wait_ready(http, newcomer.url)
+        live.append(newcomer.url)
+        live.remove(a.url)
+        a.kill()
+        mark()
+
+    report = Report("a new host joins from a checkpoint, the first SIGKILLed")
+    await run_load(http, lambda: list(live), report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
+    await account(http, report, lambda: list(live), rabbit, prefix, tmp_path)
+    log = joined[0].log()
+    assert "loaded checkpoint" in log, "the newcomer did not start from a checkpoint"
+    assert "(after offset None)" not in log
