@@ -204,3 +204,41 @@ async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
     log = joined[0].log()
     assert "loaded checkpoint" in log, "the newcomer did not start from a checkpoint"
     assert "(after offset None)" not in log
+
+
+async def test_a_memory_alarm_blocks_publishers_mid_load_and_submits_fail_fast(
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    http: aiohttp.ClientSession,
+) -> None:
+    """G3 with RabbitMQ's memory alarm for 5 s: it blocks every publishing connection (it stops
+    reading from them) while they stay open. Submits answer 503 within broker.confirm_timeout,
+    never hang, never a 202 without a confirm; once it clears, nothing accepted is lost."""
+    env = {"AQ_TEST_TASK_LOG": str(tmp_path / "runs.log"), "AIOQUEUE_BROKER__CONFIRM_TIMEOUT": "1"}
+    server = ServeProcess(rabbit.url, prefix, env).start(tmp_path)
+    servers.append(server)
+    await wait_ready(http, server.url)
+    during: dict[str, tuple[int, str]] = {}
+
+    async def fault(mark: Callable[[], None]) -> None:
+        await asyncio.to_thread(rabbit.ctl, "set_vm_memory_high_watermark", "0.0000001")
+        mark()
+        try:
+            await asyncio.sleep(3)
+            async with http.get(server.url + "/readyz") as ready:
+                during["readyz"] = (ready.status, (await ready.json())["detail"])
+            await asyncio.sleep(2)
+        finally:
+            await asyncio.to_thread(rabbit.ctl, "set_vm_memory_high_watermark", "0.4")
+
+    report = Report("RabbitMQ memory alarm 5 s")
+    await run_load(http, lambda: [server.url], report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
+    await wait_ready(http, server.url, deadline=60)
+    await account(http, report, lambda: [server.url], rabbit, prefix, tmp_path)
+    print(f"slowest refusal {report.slowest_refusal:.2f} s; /readyz during the alarm: {during}")
+    assert report.rejected, "the alarm was not seen by any submit"
+    assert set(report.rejected) <= {"503"}, report.rejected
+    assert report.slowest_refusal < 1.5  # confirm_timeout 1 s: no hang
+    assert during["readyz"][0] == 503
