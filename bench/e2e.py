@@ -200,8 +200,11 @@ class Server:
 
     def __init__(self, url: str, prefix: str, prefetch: int, log: IO[bytes]) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AIOQUEUE_")}
+        #: Its job store's folder, removed with it (not .aioqueue in the repository).
+        self.store_dir = tempfile.mkdtemp(prefix="aioqueue-bench-store-")
         self.env.update(
             PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+            AIOQUEUE_STORE__DIR=self.store_dir,
             AIOQUEUE_APP=APP,
             AIOQUEUE_BROKER__URL=url,
             AIOQUEUE_BROKER__PREFIX=prefix,
@@ -269,6 +272,7 @@ class Server:
         if self._drain is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._drain, STOP_GRACE)
+        shutil.rmtree(self.store_dir, ignore_errors=True)
         return proc.returncode
 
 

@@ -148,6 +148,7 @@ class Checkpointer:
     async def write(self) -> dict[str, Any] | None:
         """Write a checkpoint of the store now; returns its record (None: nothing to save)."""
         started = time.monotonic()
+        self._store.write()  # what it applied and holds in memory yet (eventlog.FLUSH_EVERY)
         snapshot = await asyncio.to_thread(snapshots.take, self._store.path)
         if snapshot is None:
             return None

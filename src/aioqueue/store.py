@@ -84,6 +84,7 @@ class JobStore:
         self._new_duplicates: list[tuple[str, float]] = []
         self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
         self._new_meta: dict[str, Any] = {}
+        self._closed = False
         self.listeners: list[ChangeListener] = []
         self._read_counters()
 
@@ -91,11 +92,16 @@ class JobStore:
         row = self._db.execute("SELECT max(seq), count(*) FROM jobs").fetchone()
         self._next_seq = 0 if row[0] is None else row[0] + 1
         self._count: int = row[1]
-        #: The log offset of the last entry applied and written; None before the first.
+        #: The log offset of the last entry applied (written by the next `write()` at the
+        #: latest); None before the first.
         self.offset: int | None = self.meta("offset")
 
     def close(self) -> None:
-        self._db.close()
+        """Write what is left, and close the database; later writes are no-ops."""
+        if not self._closed:
+            self.write()
+            self._closed = True
+            self._db.close()
 
     def replace(self, path: str) -> None:
         """Take the database at `path` (a checkpoint's) as this store's, before the store is
@@ -251,10 +257,17 @@ class JobStore:
         self._changed("queued" if kind is EventType.RETRIED else kind.value, job)
         return job
 
+    def applied(self, offset: int) -> None:
+        """Note that the changes made since the last write bring the store to log `offset`
+        (written with them by the next `write()`)."""
+        self.offset = self._new_meta["offset"] = offset
+
     def write(self, offset: int | None = None) -> None:
         """Write every change since the last write, and the log offset they reach, at once."""
         if offset is not None:
-            self._new_meta["offset"] = offset
+            self.applied(offset)
+        if self._closed:
+            return
         if not (self._dirty or self._forgotten or self._new_duplicates or self._new_meta):
             return
         db = self._db
@@ -292,8 +305,6 @@ class JobStore:
         self._new_meta.clear()
         self._forgotten.clear()
         self._new_duplicates.clear()
-        if offset is not None:
-            self.offset = offset
         self._trim_cache()
 
     def expire(self) -> int:
