@@ -183,11 +183,12 @@ async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
     live = [a.url]
     joined: list[ServeProcess] = []
 
+    for _ in range(100):  # a first checkpoint, due 1 to 1.25 s after the start
+        if "wrote checkpoint" in a.log():
+            break
+        await asyncio.sleep(0.1)
+
     async def fault(mark: Callable[[], None]) -> None:
-        for _ in range(100):  # the load goes on meanwhile; a checkpoint comes within 1.25 s
-            if "wrote checkpoint" in a.log():
-                break
-            await asyncio.sleep(0.1)
         fresh = {**often, "AIOQUEUE_STORE__DIR": str(tmp_path / "new-host")}
         newcomer = await asyncio.to_thread(ServeProcess(rabbit.url, prefix, fresh).start, tmp_path)
         servers.append(newcomer)
@@ -201,6 +202,7 @@ async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
     report = Report("a new host joins from a checkpoint, the first SIGKILLed")
     await run_load(http, lambda: list(live), report, TOTAL, CONCURRENCY, FAULT_AT, fault, job)
     await account(http, report, lambda: list(live), rabbit, prefix, tmp_path)
+    assert report.first_accept_after_fault is not None, "the load ended before the fault"
     log = joined[0].log()
     assert "loaded checkpoint" in log, "the newcomer did not start from a checkpoint"
     assert "(after offset None)" not in log
