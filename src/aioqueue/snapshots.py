@@ -15,7 +15,8 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 
-#: zlib's fastest level: a store's JSON compresses about 4:1 at it (bench/replay.py).
+#: zlib's fastest level: fast, and a store of JSON rows compresses well at it (bench/replay.py:
+#: 110,000 jobs in a 10 MB checkpoint).
 COMPRESSION_LEVEL = 1
 
 
