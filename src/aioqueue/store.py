@@ -3,9 +3,10 @@
 Non-terminal jobs are kept however old they are; finished jobs are forgotten `result_ttl` seconds
 after they finished (G5). The state lives in SQLite (a file on RabbitMQ, `:memory:` otherwise),
 so that memory stays flat however many finished jobs `result_ttl` holds: a bounded LRU cache of
-decoded `Job` objects sits in front of it. Changes are written once per log entry, with the log
-offset they bring the store to, in one transaction: a store on disk is always the state of some
-prefix of the log, and resumes from its `offset` after a restart.
+decoded `Job` objects sits in front of it. Changes wait in memory, where every read finds them,
+until `write()` (the event log calls it every few tens of milliseconds), which writes them with the
+log offset they bring the store to in one transaction: a store on disk is always the state of
+some prefix of the log, and resumes from its `offset` after a restart.
 
 Listing is newest first by creation, paged by an opaque cursor (the creation sequence number of
 the last job returned), so pages stay stable while jobs are added or expire.
@@ -81,7 +82,9 @@ class JobStore:
         self._dirty: dict[str, None] = {}
         self._seq_of_new: dict[str, int] = {}
         self._forgotten: set[str] = set()
-        self._new_duplicates: list[tuple[str, float]] = []
+        #: Since the last write: ids that repeated a key (with when), and the keys of new jobs.
+        self._new_duplicates: dict[str, float] = {}
+        self._new_keys: dict[str, str] = {}
         self._waiters: dict[str, list[tuple[Callable[[Job], bool], asyncio.Future[None]]]] = {}
         self._new_meta: dict[str, Any] = {}
         self._closed = False
@@ -143,16 +146,14 @@ class JobStore:
 
     def for_key(self, key: str) -> Job | None:
         """The job submitted first with this idempotency key, while it is kept."""
-        for job_id in self._dirty:
-            job = self._cache[job_id]
-            if job.idempotency_key == key:
-                return job
+        if (job_id := self._new_keys.get(key)) is not None:
+            return self.get(job_id)
         row = self._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
         return None if row is None else self.get(row[0])
 
     def is_duplicate(self, job_id: str) -> bool:
         """Whether this job repeated an idempotency key another job held (so it never runs)."""
-        if any(job_id == known for known, _ in self._new_duplicates):
+        if job_id in self._new_duplicates:
             return True
         found = self._db.execute("SELECT 1 FROM duplicates WHERE id = ?", (job_id,)).fetchone()
         return found is not None
@@ -225,9 +226,11 @@ class JobStore:
             return None
         key = spec.idempotency_key
         if key is not None and self.for_key(key) is not None:
-            self._new_duplicates.append((spec.id, self._clock()))
+            self._new_duplicates[spec.id] = self._clock()
             return None
         job = Job.from_spec(spec)
+        if key is not None:
+            self._new_keys[key] = job.id
         self._seq_of_new[job.id] = self._next_seq
         self._next_seq += 1
         self._count += 1
@@ -295,7 +298,8 @@ class JobStore:
                     )
             if self._new_duplicates:
                 db.executemany(
-                    "INSERT OR IGNORE INTO duplicates (id, at) VALUES (?, ?)", self._new_duplicates
+                    "INSERT OR IGNORE INTO duplicates (id, at) VALUES (?, ?)",
+                    self._new_duplicates.items(),
                 )
             db.executemany(
                 "REPLACE INTO meta (key, value) VALUES (?, ?)",
@@ -305,6 +309,7 @@ class JobStore:
         self._new_meta.clear()
         self._forgotten.clear()
         self._new_duplicates.clear()
+        self._new_keys.clear()
         self._trim_cache()
 
     def expire(self) -> int:
@@ -327,8 +332,11 @@ class JobStore:
         return len(ids)
 
     def _forget(self, job_id: str) -> None:
-        if self.get(job_id) is None:
+        job = self.get(job_id)
+        if job is None:
             return
+        if job.idempotency_key is not None and self._new_keys.get(job.idempotency_key) == job_id:
+            del self._new_keys[job.idempotency_key]
         self._cache.pop(job_id, None)
         self._dirty.pop(job_id, None)
         if self._seq_of_new.pop(job_id, None) is None:

@@ -34,9 +34,14 @@ def servers(rabbit: RabbitNode, prefix: str, tmp_path: Path) -> Iterator[list[Se
 
 
 def start(
-    rabbit: RabbitNode, prefix: str, tmp_path: Path, servers: list[ServeProcess]
+    rabbit: RabbitNode,
+    prefix: str,
+    tmp_path: Path,
+    servers: list[ServeProcess],
+    env: dict[str, str] | None = None,
 ) -> ServeProcess:
-    env = {"AQ_TEST_TASK_LOG": str(tmp_path / "runs.log")}
+    """`aioqueue serve` with the task log the accounting reads, and `env` besides."""
+    env = {"AQ_TEST_TASK_LOG": str(tmp_path / "runs.log"), **(env or {})}
     server = ServeProcess(rabbit.url, prefix, env).start(tmp_path)
     servers.append(server)
     return server
@@ -173,12 +178,8 @@ async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
     """Row 28 under load: a process with no disk of its own joins from the newest checkpoint
     (written every second here), then the first one is SIGKILLed: the newcomer answers for every
     job, those accepted before it joined included, and runs the rest."""
-    often = {
-        "AQ_TEST_TASK_LOG": str(tmp_path / "runs.log"),
-        "AIOQUEUE_STORE__CHECKPOINT_INTERVAL": "1",
-    }
-    a = ServeProcess(rabbit.url, prefix, often).start(tmp_path)
-    servers.append(a)
+    often = {"AIOQUEUE_STORE__CHECKPOINT_INTERVAL": "1"}
+    a = start(rabbit, prefix, tmp_path, servers, often)
     await wait_ready(http, a.url)
     live = [a.url]
     joined: list[ServeProcess] = []
@@ -190,8 +191,7 @@ async def test_a_new_host_joins_mid_load_from_a_checkpoint_and_takes_over(
 
     async def fault(mark: Callable[[], None]) -> None:
         fresh = {**often, "AIOQUEUE_STORE__DIR": str(tmp_path / "new-host")}
-        newcomer = await asyncio.to_thread(ServeProcess(rabbit.url, prefix, fresh).start, tmp_path)
-        servers.append(newcomer)
+        newcomer = await asyncio.to_thread(start, rabbit, prefix, tmp_path, servers, fresh)
         joined.append(newcomer)
         await wait_ready(http, newcomer.url)
         live.append(newcomer.url)
@@ -218,9 +218,7 @@ async def test_a_memory_alarm_blocks_publishers_mid_load_and_submits_fail_fast(
     """G3 with RabbitMQ's memory alarm for 5 s: it blocks every publishing connection (it stops
     reading from them) while they stay open. Submits answer 503 within broker.confirm_timeout,
     never hang, never a 202 without a confirm; once it clears, nothing accepted is lost."""
-    env = {"AQ_TEST_TASK_LOG": str(tmp_path / "runs.log"), "AIOQUEUE_BROKER__CONFIRM_TIMEOUT": "1"}
-    server = ServeProcess(rabbit.url, prefix, env).start(tmp_path)
-    servers.append(server)
+    server = start(rabbit, prefix, tmp_path, servers, {"AIOQUEUE_BROKER__CONFIRM_TIMEOUT": "1"})
     await wait_ready(http, server.url)
     during: dict[str, tuple[int, str]] = {}
 

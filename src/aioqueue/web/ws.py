@@ -6,6 +6,7 @@ A bad frame gets an `error` frame and the connection stays open; a frame over
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from typing import Any
@@ -50,9 +51,15 @@ def origin_refused(request: web.Request, allowed: tuple[str, ...]) -> str | None
     parts = urlsplit(normal)
     if parts.hostname in LOCAL_HOSTS:
         return None
-    if parts.netloc == request.host.lower() or normal in {normal_origin(a) for a in allowed}:
+    if parts.netloc == request.host.lower() or normal in _normal_origins(allowed):
         return None
     return f"websockets from {normal} are not allowed (ws.allowed_origins)"
+
+
+@functools.cache
+def _normal_origins(allowed: tuple[str, ...]) -> frozenset[str | None]:
+    """`ws.allowed_origins` as `normal_origin` writes them: once, not at every handshake."""
+    return frozenset(normal_origin(origin) for origin in allowed)
 
 
 class FrameError(Exception):
