@@ -93,7 +93,9 @@ async def run_load(
 ) -> None:
     """Submit until `total` jobs are accepted (or `max_submits` submits were made, or 90 s
     pass), `concurrency` at a time, and inject `fault` (if any) once `fault_at` submits were
-    made. Rejected submits are counted, with their reasons, not retried."""
+    made. The load spans the fault: it goes on until the fault is over and a submit sent after
+    it was accepted, however long the fault takes. Rejected submits are counted, with their
+    reasons, not retried."""
     counter = itertools.count()
     fault_task: asyncio.Task[None] | None = None
     give_up = time.monotonic() + 90
@@ -101,9 +103,16 @@ async def run_load(
     def mark() -> None:
         report.fault_at = time.monotonic()
 
+    def done() -> bool:
+        if len(report.accepted) < total:
+            return False
+        if fault_task is None:  # no fault, or (as fault_at < total) never reached
+            return True
+        return fault_task.done() and report.first_accept_after_fault is not None
+
     async def submitter(slot: int) -> None:
         nonlocal fault_task
-        while len(report.accepted) < total and time.monotonic() < give_up:
+        while not done() and time.monotonic() < give_up:
             n = next(counter)
             if max_submits is not None and n >= max_submits:
                 return
@@ -111,32 +120,36 @@ async def run_load(
                 fault_task = asyncio.create_task(fault(mark))
             live = urls()
             url = live[n % len(live)]
-            report.submitted += 1
-            sent = time.monotonic()
-            try:
-                data = orjson.dumps(body(n))
-                async with http.post(url + "/v1/jobs", data=data, headers=JSON) as response:
-                    report.latencies.append(time.monotonic() - sent)
-                    if response.status == 202:
-                        report.accepted.append((await response.json())["id"])
-                        faulted = report.fault_at
-                        if faulted is not None and sent > faulted:
-                            first = report.first_accept_after_fault
-                            report.first_accept_after_fault = min(first or sent, sent)
-                        continue
-                    refusal = await response.read()
-                    report.rejected[str(response.status)] += 1
-                    if report.fault_at is not None and sent > report.fault_at:
-                        took = time.monotonic() - sent
-                        report.slowest_refusal = max(report.slowest_refusal, took)
-                    check_refusal(response.status, response.headers, refusal, report)
-            except (TimeoutError, aiohttp.ClientError):
-                report.rejected["no connection"] += 1
-            await asyncio.sleep(0.2)  # back off while the service is unavailable
+            await submit_one(http, url, orjson.dumps(body(n)), report)
 
     await asyncio.gather(*(submitter(slot) for slot in range(concurrency)))
     if fault_task is not None:
         await fault_task
+
+
+async def submit_one(http: aiohttp.ClientSession, url: str, data: bytes, report: Report) -> None:
+    """One submit, counted in `report`; after a refusal, a pause while the service recovers."""
+    report.submitted += 1
+    sent = time.monotonic()
+    try:
+        async with http.post(url + "/v1/jobs", data=data, headers=JSON) as response:
+            report.latencies.append(time.monotonic() - sent)
+            if response.status == 202:
+                report.accepted.append((await response.json())["id"])
+                faulted = report.fault_at
+                if faulted is not None and sent > faulted:
+                    first = report.first_accept_after_fault
+                    report.first_accept_after_fault = min(first or sent, sent)
+                return
+            refusal = await response.read()
+            report.rejected[str(response.status)] += 1
+            if report.fault_at is not None and sent > report.fault_at:
+                took = time.monotonic() - sent
+                report.slowest_refusal = max(report.slowest_refusal, took)
+            check_refusal(response.status, response.headers, refusal, report)
+    except (TimeoutError, aiohttp.ClientError):
+        report.rejected["no connection"] += 1
+    await asyncio.sleep(0.2)  # back off while the service is unavailable
 
 
 def check_refusal(status: int, headers: Mapping[str, str], body: bytes, report: Report) -> None:
