@@ -100,6 +100,11 @@ class App:
         job = await self._running().jobs.submit({**options, "task": task, "args": args})
         return job.to_dict()
 
+    async def publish(self, topic: str, data: Any = None) -> int:
+        """Publish `data` (any JSON value) to `topic`; returns its offset once the broker
+        confirmed it."""
+        return await self._running().topics.publish(topic, data)
+
     def get(self, job_id: str) -> dict[str, Any] | None:
         """The record of a job, or None."""
         job = self._running().jobs.get(job_id)

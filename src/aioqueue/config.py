@@ -156,6 +156,14 @@ class WsSettings:
     allowed_origins: tuple[str, ...] = _key(
         (), tuple, 'expected a list of origins like ["https://example.com"], or ["*"]', _origins_ok
     )
+    max_publishes_per_second: int = _int(100, 1)  # topic publishes per connection; bursts of this
+
+
+@dataclass(frozen=True, slots=True)
+class TopicsSettings:
+    retention_seconds: int = _int(604800, 1)  # how long topic messages stay for `since` catch-up
+    retention_bytes: int = _int(2**30, 2**16)  # and how many bytes of them, at most
+    max_message_bytes: int = _int(65536, 16)  # one published message, as JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +179,7 @@ class Settings:
     jobs: JobsSettings = field(default_factory=JobsSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     ws: WsSettings = field(default_factory=WsSettings)
+    topics: TopicsSettings = field(default_factory=TopicsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     source: str | None = None  # the config.toml that was read; not a key
 

@@ -18,6 +18,8 @@ class JobHooks(Protocol):
 
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]: ...
 
+    async def publish(self, topic: str, data: Any) -> int: ...
+
 
 def _check_progress(value: float, message: str | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
@@ -58,6 +60,11 @@ class Context(_BaseContext):
         """Enqueue another job; returns its record. Options are those of the submit body."""
         return await self._hooks.submit(task, args, options)
 
+    async def publish(self, topic: str, data: Any = None) -> int:
+        """Publish `data` (any JSON value) to `topic`; returns its offset once the broker
+        confirmed it. Every websocket subscribed to a pattern that matches the topic gets it."""
+        return await self._hooks.publish(topic, data)
+
 
 class SyncContext(_BaseContext):
     """The context of a plain `def` task: the same methods, called without `await`."""
@@ -81,6 +88,12 @@ class SyncContext(_BaseContext):
         """Enqueue another job and return its record; blocks until the broker confirmed it."""
         return asyncio.run_coroutine_threadsafe(
             self._hooks.submit(task, args, options), self._loop
+        ).result()
+
+    def publish(self, topic: str, data: Any = None) -> int:
+        """Publish `data` to `topic` and return its offset; blocks until the broker confirmed."""
+        return asyncio.run_coroutine_threadsafe(
+            self._hooks.publish(topic, data), self._loop
         ).result()
 
 

@@ -43,6 +43,8 @@ from aioqueue.tasks import Task
 logger = logging.getLogger(__name__)
 
 SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
+#: Publishes (topic, data) and returns the message's offset (`publisher.Topics.publish`).
+PublishFn = Callable[[str, Any], Awaitable[int]]
 #: How long a message of a job the store does not know waits for the log to catch up.
 KNOWN_WITHIN = 1.0
 #: Seconds before a message whose outcome could not be recorded goes back to its queue.
@@ -63,11 +65,14 @@ DEATHS = {
 class _Hooks:
     """A running job's way back into the service (see `context.JobHooks`)."""
 
-    __slots__ = ("_attempt", "_job_id", "_log", "_submit")
+    __slots__ = ("_attempt", "_job_id", "_log", "_publish", "_submit")
 
-    def __init__(self, log: EventLog, submit: SubmitFn, job_id: str, attempt: int) -> None:
+    def __init__(
+        self, log: EventLog, submit: SubmitFn, publish: PublishFn, job_id: str, attempt: int
+    ) -> None:
         self._log = log
         self._submit = submit
+        self._publish = publish
         self._job_id = job_id
         self._attempt = attempt
 
@@ -77,6 +82,9 @@ class _Hooks:
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
         job = await self._submit({**options, "task": task, "args": args})
         return job.to_dict()
+
+    async def publish(self, topic: str, data: Any) -> int:
+        return await self._publish(topic, data)
 
 
 def error_record(exc: BaseException, message: str | None = None) -> dict[str, Any]:
@@ -96,6 +104,7 @@ class Runner:
         broker: Broker,
         store: JobStore,
         submit: SubmitFn,
+        publish: PublishFn,
         threads: int,
         concurrency: int,
         max_wait: float,
@@ -106,6 +115,7 @@ class Runner:
         self._broker = broker
         self._store = store
         self._submit = submit
+        self._publish = publish
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aioqueue-task")
         #: The jobs running in this process, by id.
         self.running: dict[str, asyncio.Task[Any]] = {}
@@ -293,7 +303,7 @@ class Runner:
 
     async def _call(self, task: Task[Any, Any], spec: JobSpec) -> Any:
         positional, keyword = task.signature.bind(spec.args)
-        hooks = _Hooks(self._log, self._submit, spec.id, spec.attempt)
+        hooks = _Hooks(self._log, self._submit, self._publish, spec.id, spec.attempt)
         loop = asyncio.get_running_loop()
         if task.signature.takes_context:
             ctx: Context | SyncContext = (

@@ -1,5 +1,6 @@
-"""One running aioqueue: broker, event log, job store, checkpoints, the producer side (`jobs`)
-and the worker side (`runner`), wired and started in order, with one state (`ServiceState`)."""
+"""One running aioqueue: broker, event log, job store, checkpoints, the producer side (`jobs`,
+`topics`) and the worker side (`runner`), wired and started in order, with one state
+(`ServiceState`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from aioqueue import storefile, submission
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
 from aioqueue.checkpointer import Checkpointer
-from aioqueue.config import BrokerSettings, Settings, StoreSettings
+from aioqueue.config import BrokerSettings, Settings, StoreSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, ConfigError, NotReady
 from aioqueue.eventlog import EventLog
 from aioqueue.producer import Jobs
+from aioqueue.publisher import Topics
 from aioqueue.runner import Runner
 from aioqueue.store import EXPIRE_CHUNK, JobStore
 from aioqueue.storefile import StoreFile
@@ -29,13 +31,17 @@ CHECKPOINT_CALL_TIMEOUT = 120.0
 
 
 def make_broker(
-    settings: BrokerSettings, log_max_bytes: int = StoreSettings().log_max_bytes
+    settings: BrokerSettings,
+    log_max_bytes: int = StoreSettings().log_max_bytes,
+    topics: TopicsSettings | None = None,
 ) -> Broker:
     if settings.url.startswith("memory:"):
-        return MemoryBroker(settings.prefetch, settings.max_queue_length, settings.delivery_limit)
+        return MemoryBroker(
+            settings.prefetch, settings.max_queue_length, settings.delivery_limit, topics
+        )
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
-    return AmqpBroker(settings, log_max_bytes)
+    return AmqpBroker(settings, log_max_bytes, topics)
 
 
 def check_timeouts(registry: Registry, settings: Settings) -> None:
@@ -98,7 +104,7 @@ class Service:
         self.registry = registry
         self.settings = settings
         self.state = ServiceState.STARTING
-        self.broker = make_broker(settings.broker, settings.store.log_max_bytes)
+        self.broker = make_broker(settings.broker, settings.store.log_max_bytes, settings.topics)
         self.store_file = claim_store_file(settings) if self.broker.durable else None
         result_ttl = settings.jobs.result_ttl
         self.store = (
@@ -119,6 +125,9 @@ class Service:
         self.jobs = Jobs(
             registry, settings, self.broker, self.log, self.store, max_timeout, self._check_open
         )
+        self.topics = Topics(
+            self.broker.topics, settings.topics.max_message_bytes, self._check_open
+        )
         self.runner = Runner(
             registry.tasks,
             settings.jobs,
@@ -126,6 +135,7 @@ class Service:
             self.broker,
             self.store,
             submit=self.jobs.submit,
+            publish=self.topics.publish,
             threads=max(4, settings.broker.prefetch * len(registry.queues)),
             concurrency=settings.broker.prefetch,
             # Lower priorities are delayed, not held until the broker's consumer_timeout.

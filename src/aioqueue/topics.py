@@ -35,6 +35,8 @@ from aioqueue.errors import FieldError, InvalidRequest
 MAX_BYTES = 255
 
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
+#: A topic name as a JSON Schema / ECMA regex (the byte length is checked apart).
+TOPIC_PATTERN = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"
 _WILDCARDS = frozenset({"*", "#"})
 #: How much of a bad value a message quotes: enough to recognise it, never a 255-byte echo.
 _QUOTE = 40

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from typing import Any
 
 import aio_pika
@@ -39,8 +39,9 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
+from aioqueue.broker.amqp_topics import AmqpTopics
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
-from aioqueue.config import BrokerSettings
+from aioqueue.config import BrokerSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ DELAY_PREFIX = "aioqueue.delay"
 #: Unacked log messages in flight to this process; acked (multiple) every quarter of it.
 LOG_PREFETCH = 1000
 LOG_ACK_EVERY = LOG_PREFETCH // 4
+TOPICS_PREFETCH = 1000
 #: Seconds before a quiet log is acked anyway: consumer_timeout applies to a stream's consumer
 #: too, and would close its channel (every 30 min, in an idle deployment).
 LOG_ACK_IDLE = 1.0
@@ -137,6 +139,43 @@ async def _bounded(settle: Awaitable[None]) -> None:
             await settle
 
 
+class StreamCredit:
+    """The acks of one stream consumer. On a stream an ack only returns credit, so there is one
+    (multiple) for every `every` deliveries, and one once no delivery came for `LOG_ACK_IDLE`
+    seconds: consumer_timeout applies to a stream's consumer too, and would close its channel."""
+
+    def __init__(
+        self, channel: RawChannel, every: int, spawn: Callable[[Coroutine[Any, Any, None]], None]
+    ) -> None:
+        self._channel = channel
+        self._every = every
+        self._spawn = spawn
+        self._unacked = 0
+        self._last_tag = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def delivered(self, message: DeliveredMessage) -> None:
+        self._unacked += 1
+        self._last_tag = int(_deliver(message).delivery_tag or 0)
+        if self._unacked >= self._every:
+            self._spawn(self._ack())
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(LOG_ACK_IDLE, self._on_idle)
+
+    def _on_idle(self) -> None:
+        self._timer = None
+        self._spawn(self._ack())
+
+    async def _ack(self) -> None:
+        if self._unacked:
+            self._unacked = 0
+            await _bounded(self._channel.basic_ack(self._last_tag, multiple=True, wait=False))
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 class _Session:
     """What one connection holds; thrown away whole when anything in it closes."""
 
@@ -196,11 +235,15 @@ class _Session:
 
 
 class AmqpBroker(Broker):
+    topics: AmqpTopics
     durable = True
     delay_resolution = 1.0
 
-    def __init__(self, settings: BrokerSettings, log_max_bytes: int) -> None:
+    def __init__(
+        self, settings: BrokerSettings, log_max_bytes: int, topics: TopicsSettings | None = None
+    ) -> None:
         self._settings = settings
+        self.topics = AmqpTopics(settings, topics or TopicsSettings(), self._publish_topic_message)
         self._log_max_bytes = log_max_bytes
         prefix = settings.prefix
         self.names = {
@@ -223,11 +266,9 @@ class AmqpBroker(Broker):
         self._consuming = True
         # The log offset to read next: resuming there after a reconnect applies nothing twice.
         self._next_offset = 0
-        self._log_unacked = 0
-        self._log_last: tuple[RawChannel, int] | None = None
+        self._log_credit: StreamCredit | None = None
         #: Whether the log consumer got anything since it was last attached.
         self._log_heard = False
-        self._log_ack_timer: asyncio.TimerHandle | None = None
         #: Deliveries being handled. Their tasks are this broker's, not aiormq's: aiormq cancels
         #: its callback tasks when their channel closes, and a job must not stop because the
         #: channel it came on did (the broker redelivers it, and the runner waits for this copy).
@@ -261,8 +302,9 @@ class AmqpBroker(Broker):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        if self._log_ack_timer is not None:
-            self._log_ack_timer.cancel()
+        if self._log_credit is not None:
+            self._log_credit.cancel()
+        await self.topics.close()
         for task in self._handling:
             task.cancel()
         await asyncio.gather(*self._handling, return_exceptions=True)
@@ -297,6 +339,7 @@ class AmqpBroker(Broker):
             session.publisher = await self._channel(session, on_return_raises=True)
             await self._declare(session)
             await self._consume_log(session)
+            await self._consume_topics(session)
             await self._consume_dead_letters(session)
             for queue in list(self._handlers):
                 await self._attach(session, queue)
@@ -329,17 +372,16 @@ class AmqpBroker(Broker):
         submit = await channel.declare_exchange(names["submit"], durable.FANOUT, durable=True)
         jobs = await channel.declare_exchange(names["jobs"], durable.DIRECT, durable=True)
         await jobs.bind(submit)
-        events = await channel.declare_queue(
-            names["events"],
-            durable=True,
-            arguments={
-                "x-queue-type": "stream",
-                # By size, never by age: however long every process was down, the log still
-                # reaches back to the newest checkpoint (see checkpointer.py).
-                "x-max-length-bytes": self._log_max_bytes,
-                "x-stream-max-segment-size-bytes": 8_000_000,
-            },
-        )
+        log_arguments = {
+            "x-queue-type": "stream",
+            # By size, never by age: however long every process was down, the log still
+            # reaches back to the newest checkpoint (see checkpointer.py).
+            "x-max-length-bytes": self._log_max_bytes,
+            "x-stream-max-segment-size-bytes": 8_000_000,
+        }
+        await self._declare_stream(session, names["events"], log_arguments)
+        events = await channel.declare_queue(names["events"], passive=True)
+        await self._declare_stream(session, self.topics.name, self.topics.arguments())
         await events.bind(submit)
         delayed = await channel.declare_exchange(
             names["submit-delayed"], durable.FANOUT, durable=True
@@ -373,6 +415,26 @@ class AmqpBroker(Broker):
             "delay": self._delay_entry,
             "default": channel.default_exchange,
         }
+
+    async def _declare_stream(
+        self, session: _Session, name: str, arguments: dict[str, Any]
+    ) -> None:
+        """Declare a stream, or keep the one there: a stream keeps the retention it was declared
+        with, RabbitMQ refuses a declare with other arguments (and closes its channel, hence a
+        channel of its own), and a policy is how an operator changes them."""
+        channel = await session.connection.channel()
+        try:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            logger.warning(
+                "the stream %s keeps the retention it was declared with, not the config's (%s);"
+                " change it with a RabbitMQ policy, or delete the stream",
+                name,
+                exc,
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def _declare_delays(self, channel: AbstractChannel) -> AbstractExchange:
         topic = aio_pika.ExchangeType.TOPIC
@@ -454,11 +516,13 @@ class AmqpBroker(Broker):
         # Resume at the last offset applied (which exists) rather than the next one: an offset
         # past the tail would deliver nothing. The repeated entry is skipped below.
         offset: int | str = max(self._next_offset - 1, 0) if self._next_offset else "first"
-        self._log_unacked = 0
+        if self._log_credit is not None:
+            self._log_credit.cancel()
+        credit = self._log_credit = StreamCredit(channel, LOG_ACK_EVERY, self._spawn)
         self._log_heard = False
 
         async def on_message(message: DeliveredMessage) -> None:
-            await self._on_log_message(channel, message)
+            self._on_log_message(credit, message)
 
         await channel.basic_consume(name, on_message, arguments={"x-stream-offset": offset})
         if isinstance(offset, int):
@@ -481,7 +545,7 @@ class AmqpBroker(Broker):
         self._next_offset = 0
         session.end("the event log is shorter than the job store: reading it from its start")
 
-    async def _on_log_message(self, channel: RawChannel, message: DeliveredMessage) -> None:
+    def _on_log_message(self, credit: StreamCredit, message: DeliveredMessage) -> None:
         # Applied before the first await: aiormq runs callbacks as tasks in delivery order, and
         # applying synchronously keeps the log in order.
         self._log_heard = True
@@ -503,30 +567,17 @@ class AmqpBroker(Broker):
                 LogKind.EVENTS if headers.get(KIND_HEADER) == LogKind.EVENTS.value else LogKind.JOB
             )
             self._on_log(kind, message.body, offset)
-        # Acks on a stream only return credit; one for many is enough.
-        self._log_unacked += 1
-        self._log_last = (channel, int(_deliver(message).delivery_tag or 0))
-        if self._log_unacked >= LOG_ACK_EVERY:
-            await self._ack_log()
-        elif self._log_ack_timer is None:
-            loop = asyncio.get_running_loop()
-            self._log_ack_timer = loop.call_later(LOG_ACK_IDLE, self._spawn_log_ack)
-
-    def _spawn_log_ack(self) -> None:
-        self._log_ack_timer = None
-        self._spawn(self._ack_log())
-
-    async def _ack_log(self) -> None:
-        if self._log_last is None or not self._log_unacked:
-            return
-        channel, tag = self._log_last
-        self._log_unacked = 0
-        await _bounded(channel.basic_ack(tag, multiple=True, wait=False))
+        credit.delivered(message)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._handling.add(task)
         task.add_done_callback(self._handling.discard)
+
+    async def _consume_topics(self, session: _Session) -> None:
+        channel = await self._consumer_channel(session, self.topics.name, TOPICS_PREFETCH)
+        credit = StreamCredit(channel, TOPICS_PREFETCH // 4, self._spawn)
+        await self.topics.attach(session, channel, credit)
 
     async def _consume_dead_letters(self, session: _Session) -> None:
         name = self.names["dead"]
@@ -582,7 +633,7 @@ class AmqpBroker(Broker):
         exchange: str,
         routing_key: str,
         body: bytes,
-        kind: LogKind = LogKind.JOB,
+        kind: LogKind | None = LogKind.JOB,
         headers: dict[str, Any] | None = None,
         submit: bool = False,
     ) -> None:
@@ -599,7 +650,7 @@ class AmqpBroker(Broker):
             body,
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={KIND_HEADER: kind.value, **(headers or {})},
+            headers={KIND_HEADER: kind.value, **(headers or {})} if kind else headers,
         )
         heartbeat = self._settings.heartbeat
         with translate_errors("publish"):
@@ -642,6 +693,9 @@ class AmqpBroker(Broker):
 
     async def append(self, body: bytes) -> None:
         await self._publish("default", self.names["events"], body, LogKind.EVENTS)
+
+    async def _publish_topic_message(self, body: bytes, headers: dict[str, Any]) -> None:
+        await self._publish("default", self.topics.name, body, None, headers, submit=True)
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
         await self._publish(

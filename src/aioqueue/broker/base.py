@@ -1,12 +1,14 @@
 """What aioqueue needs of a message broker, and nothing about any broker in particular.
 
-A broker carries two kinds of traffic:
+A broker carries three kinds of traffic:
 
 * **job messages**, one per attempt of a job, to a named queue; consumed with a bounded
   number in flight and acked only once the attempt's outcome is recorded;
 * **the event log**, one totally ordered log that every process reads from its retention start
   and then live. It holds the body of every submitted job (the `queued` event) and batches of
   later events. The job store of every process is built by applying it in order.
+* **topic messages**, in a log of their own (`Broker.topics`, a `TopicLog`), kept for a
+  retention and read live by every process, and from any retained offset for a catch-up.
 
 `submit()` puts one message in both at once, so a job is in its queue if and only if it is in
 the log. Usage, as `Service` does it::
@@ -26,7 +28,7 @@ client library never escape a `Broker`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable, Collection, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Coroutine
 from enum import StrEnum
 from typing import Any
 
@@ -67,9 +69,47 @@ LogHandler = Callable[[LogKind, bytes, int], None]
 DeadHandler = Callable[[bytes, str], Awaitable[None]]
 
 
+#: Called in offset order for every topic message, live: (offset, topic, data as JSON bytes).
+TopicHandler = Callable[[int, str, bytes], None]
+#: A retained topic message: (offset, topic, data). Topic None: a marker of aioqueue's own, with
+#: no data, that a reader must still count (it moves the tail; see `TopicLog.position`).
+TopicEntry = tuple[int, str | None, bytes]
+
+
+class TopicLog(abc.ABC):
+    """The topic messages: one log, every message with an offset that is the same in every
+    process and strictly increasing; kept for a retention by age and size."""
+
+    @abc.abstractmethod
+    def listen(self, handler: TopicHandler) -> None:
+        """Hand every message from now on to `handler`, in offset order (one handler)."""
+
+    @property
+    @abc.abstractmethod
+    def position(self) -> int | None:
+        """The offset the live reader hands on next: every message before it was handed to
+        the handler already, or came before this process started reading. None until known."""
+
+    @abc.abstractmethod
+    async def wait_position(self) -> int:
+        """`position`, once known; BrokerUnavailable if it is not known soon."""
+
+    @abc.abstractmethod
+    async def publish(self, topic: str, data: bytes) -> int:
+        """Append a message and return its offset, once the broker confirmed it."""
+
+    @abc.abstractmethod
+    def read(self, after: int) -> AsyncGenerator[TopicEntry, None]:
+        """The retained messages with an offset above `after`, in order, for as long as the
+        caller reads; from the first retained one if those right after `after` are gone.
+        Raises BrokerUnavailable if the broker goes away meanwhile."""
+
+
 class Broker(abc.ABC):
     #: Whether accepted jobs survive a restart of this process.
     durable: bool
+    #: The topic messages.
+    topics: TopicLog
     #: Whole seconds only (a broker that schedules by TTL), or any float.
     delay_resolution: float
 

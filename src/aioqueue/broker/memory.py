@@ -16,6 +16,8 @@ from collections.abc import Collection, Coroutine
 from typing import Any
 
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.broker.memory_topics import MemoryTopics
+from aioqueue.config import TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
@@ -55,12 +57,19 @@ class MemoryDelivery(Delivery):
 
 
 class MemoryBroker(Broker):
+    topics: MemoryTopics
     durable = False
     delay_resolution = 0.0
 
     def __init__(
-        self, prefetch: int, max_queue_length: int = 0, delivery_limit: int | None = None
+        self,
+        prefetch: int,
+        max_queue_length: int = 0,
+        delivery_limit: int | None = None,
+        topics: TopicsSettings | None = None,
     ) -> None:
+        retention = topics or TopicsSettings()
+        self.topics = MemoryTopics(retention.retention_seconds, retention.retention_bytes)
         self._prefetch = prefetch
         self._max_queue_length = max_queue_length
         self._delivery_limit = delivery_limit

@@ -44,6 +44,7 @@ def install(
     web_app.router.add_get("/v1/jobs/{id}", handlers.get_job)
     web_app.router.add_delete("/v1/jobs/{id}", handlers.cancel_job)
     web_app.router.add_post("/v1/jobs/{id}/retry", handlers.retry_job)
+    web_app.router.add_post("/v1/topics/{topic}", handlers.publish)
     web_app.router.add_get("/v1/tasks", handlers.list_tasks)
     web_app.router.add_get("/v1/ws", websocket)
     web_app.router.add_get("/healthz", handlers.healthz)
@@ -57,6 +58,7 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     state = web_app[STATE]
     service = Service(state.registry, state.settings)
     service.jobs.on_change(state.hub.on_job_change)
+    service.topics.log.listen(state.hub.topics.on_message)
     _bind(state, service)
     # Start in the background: the HTTP server answers at once (/readyz says 503 until the
     # broker is reached and the job store complete).

@@ -159,6 +159,16 @@ def _limit(text: str) -> int:
 
 
 @problems
+async def publish(request: web.Request) -> web.StreamResponse:
+    topics = request.app[STATE].topics()
+    _check_query(request.query, set())
+    topic = request.match_info["topic"]
+    data = await read_json(request)
+    offset = await topics.publish(topic, data)
+    return json_response({"topic": topic, "offset": offset}, status=202)
+
+
+@problems
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     defaults = state.settings.jobs

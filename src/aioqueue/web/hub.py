@@ -27,6 +27,8 @@ import orjson
 from aiohttp import WSMessage, WSMsgType, web
 
 from aioqueue.jobs import Job
+from aioqueue.ratelimit import TokenBucket
+from aioqueue.web.topichub import TopicHub
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,12 @@ SEND_TIMEOUT = 5.0
 class Connection:
     """One websocket client: its subscriptions and its bounded outgoing queue."""
 
-    def __init__(self, ws: web.WebSocketResponse, send_buffer: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, send_buffer: int, publishes_per_second: int = 100
+    ) -> None:
         self.ws = ws
         self.subscriptions: set[str] = set()
+        self.publishes = TokenBucket(publishes_per_second)
         self._limit = send_buffer
         # Each slot is [frame, coalesce key]; `_coalescing` points at the slot still queued
         # for a key, so a newer frame for it replaces the frame in place.
@@ -91,6 +96,11 @@ class Connection:
             return await self.ws.receive()
         finally:
             self._idle = False
+
+    async def room(self) -> None:
+        """Wait until the queue is less than half full: a sender that can wait (a topic
+        catch-up) is paced by the client instead of filling the queue."""
+        await self._room.wait()
 
     def send(self, frame: bytes, coalesce: str | None = None) -> None:
         """Queue a frame; never blocks. Closes the connection if its buffer is full."""
@@ -200,16 +210,20 @@ def _cancelling() -> bool:
 
 
 class Hub:
-    """Channel name -> connections subscribed to it."""
+    """Channel name -> connections subscribed to it; topic channels are `topics`'."""
 
     def __init__(self) -> None:
         self.channels: dict[str, set[Connection]] = {}
+        self.topics = TopicHub()
 
     def subscribe(self, conn: Connection, channel: str) -> None:
         self.channels.setdefault(channel, set()).add(conn)
         conn.subscriptions.add(channel)
 
     def unsubscribe(self, conn: Connection, channel: str) -> None:
+        if channel.startswith("topic:"):
+            self.topics.unsubscribe(conn, channel)
+            return
         conn.subscriptions.discard(channel)
         subscribers = self.channels.get(channel)
         if subscribers is not None:

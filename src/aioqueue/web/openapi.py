@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from aioqueue import submission
+from aioqueue import submission, topics
 from aioqueue.jobs import JobStatus
 from aioqueue.tasks import PRIORITIES
 from aioqueue.web.handlers import MAX_LIMIT, MAX_WAIT
@@ -115,7 +115,10 @@ ERRORS: dict[str, dict[str, Any]] = {
     "404": _problem("no such job (or, on submit, no such task)"),
     "408": _problem("the body did not arrive within `http.body_timeout`"),
     "409": _problem("the job is in the wrong state, or an idempotency key was reused"),
-    "413": _problem("the body is larger than `http.max_body_bytes`"),
+    "413": _problem(
+        "the body is larger than `http.max_body_bytes` (a message to a topic: larger than"
+        " `topics.max_message_bytes`)"
+    ),
     "415": _problem("the body is not declared as JSON"),
     "429": _problem("the queue is full (`broker.max_queue_length`); not accepted", True),
     "503": _problem("the broker is unavailable, or the service is starting or stopping", True),
@@ -301,8 +304,29 @@ def _schemas() -> dict[str, Any]:
             "required": ["status"],
             "properties": {"status": {"type": "string"}},
         },
+        "Published": {
+            "type": "object",
+            "required": ["topic", "offset"],
+            "properties": {
+                "topic": {"type": "string"},
+                "offset": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "the message's place in the topic log: strictly increasing,"
+                    " the same on every process; subscribe with `since` to resume after it",
+                },
+            },
+        },
     }
 
+
+TOPIC = {
+    "name": "topic",
+    "in": "path",
+    "required": True,
+    "description": "dot-separated words of A-Z a-z 0-9 _ -, 1 to 255 bytes (CONTRACT §6)",
+    "schema": {"type": "string", "pattern": topics.TOPIC_PATTERN, "maxLength": topics.MAX_BYTES},
+}
 
 JOB_ID = {
     "name": "id",
@@ -402,6 +426,18 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "operationId": "retryJob",
                 "summary": "Run a failed, dead or cancelled job again (same id, attempt 1)",
                 "responses": {"202": _ok("queued again", job), **_errors(400, 404, 409, 429, 503)},
+            },
+        },
+        "/v1/topics/{topic}": {
+            "parameters": [TOPIC],
+            "post": {
+                "operationId": "publish",
+                "summary": "Publish a message (any JSON value) to a topic",
+                "requestBody": {"required": True, "content": _content({})},
+                "responses": {
+                    "202": _ok("published: the broker confirmed it", _ref("Published")),
+                    **_errors(400, 408, 413, 415, 503),
+                },
             },
         },
         "/v1/tasks": {

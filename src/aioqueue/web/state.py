@@ -15,6 +15,7 @@ from aioqueue.web.hub import Connection, Hub
 
 if TYPE_CHECKING:
     from aioqueue.producer import Jobs
+    from aioqueue.publisher import Topics
     from aioqueue.service import Service
 
 #: Told of the service when it is built, and of None when it is closed (`App.mount` keeps it).
@@ -38,6 +39,12 @@ class State:
         if self.service is None:
             raise NotReady("starting")
         return self.service.jobs
+
+    def topics(self) -> Topics:
+        """The topics of the service; NotReady (503) before the service is built."""
+        if self.service is None:
+            raise NotReady("starting")
+        return self.service.topics
 
 
 STATE = web.AppKey("aioqueue", State)

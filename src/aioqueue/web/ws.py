@@ -22,8 +22,10 @@ from aioqueue.errors import (
     InvalidRequest,
     NotFound,
     NotReady,
+    PayloadTooLarge,
     QueueFull,
 )
+from aioqueue.topics import check_pattern
 from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
 from aioqueue.web.problems import problem
 from aioqueue.web.state import STATE, State
@@ -86,7 +88,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    conn = Connection(ws, state.settings.ws.send_buffer)
+    conn = Connection(ws, state.settings.ws.send_buffer, state.settings.ws.max_publishes_per_second)
     state.connections.add(conn)
     try:
         await conn.serve(_read_frames(state, conn))
@@ -145,22 +147,46 @@ def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
 def _channel(frame: dict[str, Any]) -> str:
     channel = frame.get("channel")
     if not isinstance(channel, str) or not channel:
-        raise FrameError("bad_frame", "'channel' must be a string like 'job:ID'")
+        raise FrameError("bad_frame", "'channel' must be a string like 'job:ID' or 'topic:PATTERN'")
     if channel.startswith("topic:"):
-        raise FrameError("bad_frame", "topic channels are not built in this version")
-    if not channel.startswith("job:"):
-        raise FrameError("bad_frame", f"unknown channel {channel[:100]!r}; use 'job:ID'")
+        try:
+            check_pattern(channel[6:], field="channel")
+        except InvalidRequest as exc:
+            raise FrameError("bad_frame", exc.detail) from None
+    elif not channel.startswith("job:"):
+        raise FrameError(
+            "bad_frame", f"unknown channel {channel[:100]!r}; use 'job:ID' or 'topic:PATTERN'"
+        )
     return channel
+
+
+def _since(frame: dict[str, Any], channel: str) -> int | None:
+    since = frame.get("since")
+    if since is None:
+        return None
+    if not channel.startswith("topic:"):
+        raise FrameError("bad_frame", "'since' is for topic channels; a job channel has snapshots")
+    if isinstance(since, bool) or not isinstance(since, int) or since < -1:
+        raise FrameError("bad_frame", "'since' must be an offset: an integer >= -1")
+    return since
 
 
 async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
     channel = _channel(frame)
-    job = state.jobs().get(channel[4:])
-    if job is None:
-        raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
+    since = _since(frame, channel)
     limit = state.settings.ws.max_subscriptions
     if channel not in conn.subscriptions and len(conn.subscriptions) >= limit:
         raise FrameError("too_many_subscriptions", f"at most {limit} subscriptions per connection")
+    if channel.startswith("topic:"):
+        topics = state.topics()
+        if since is not None:
+            await topics.log.wait_position()  # the catch-up must know where live begins
+        # No await from here to the reply: it goes before every message of the channel.
+        state.hub.topics.subscribe(conn, channel, since, topics.log)
+        return [{"type": "subscribed", "channel": channel}]
+    job = state.jobs().get(channel[4:])
+    if job is None:
+        raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
     # Subscribing and taking the snapshot with no await in between: every later event follows
     # the snapshot, none is missed and none comes twice.
     state.hub.subscribe(conn, channel)
@@ -197,7 +223,27 @@ async def _ping(state: State, conn: Connection, frame: dict[str, Any]) -> list[A
 
 
 async def _publish(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
-    raise FrameError("unknown_op", "publish: topics are not built in this version")
+    topic = frame.get("topic")
+    if not isinstance(topic, str):
+        raise FrameError("bad_frame", "'topic' must be a string like 'orders.eu'")
+    if "data" not in frame:
+        raise FrameError("bad_frame", "'data' is missing: the message, any JSON value")
+    wait = conn.publishes.take()
+    if wait:
+        limit = state.settings.ws.max_publishes_per_second
+        raise FrameError(
+            "rate_limited",
+            f"at most {limit} publishes per second per connection (ws.max_publishes_per_second);"
+            f" try again in {wait:.2f} s",
+            retry_after=round(wait, 3),
+        )
+    try:
+        offset = await state.topics().publish(topic, frame["data"])
+    except InvalidRequest as exc:
+        raise FrameError("bad_frame", exc.detail) from None
+    except PayloadTooLarge as exc:
+        raise FrameError("too_large", exc.detail) from None
+    return [{"type": "published", "topic": topic, "offset": offset}]
 
 
 OPS = {
