@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,13 @@ class ServeProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(10)
+
+
+async def eventually(check: Callable[[], bool], deadline: float) -> None:
+    """Poll `check` every 10 ms until it holds; TimeoutError at the deadline."""
+    async with asyncio.timeout(deadline):
+        while not check():  # noqa: ASYNC110 - what is checked has no event to wait on
+            await asyncio.sleep(0.01)
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str, deadline: float = 30.0) -> None:

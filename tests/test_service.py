@@ -20,6 +20,7 @@ from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.events import JobSpec
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
+from tests.support import eventually
 
 TERMINAL = {"succeeded", "failed", "dead", "cancelled"}
 
@@ -629,13 +630,6 @@ async def test_a_shutdown_gives_back_the_jobs_waiting_for_a_slot_and_they_run_la
     assert (await until_terminal(second, long.id)).status.value == "cancelled"
     assert (await until_terminal(second, urgent.id)).status.value == "succeeded"
     assert ran.count("urgent") == 1
-
-
-async def eventually(check: Callable[[], bool], deadline: float) -> None:
-    """Poll `check` every 10 ms until it holds; TimeoutError at the deadline."""
-    async with asyncio.timeout(deadline):
-        while not check():  # noqa: ASYNC110 - readiness has no event to wait on
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize(

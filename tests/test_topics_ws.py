@@ -20,6 +20,7 @@ from aioqueue.config import BrokerSettings, StoreSettings, TopicsSettings, WsSet
 from aioqueue.web.app import create_app
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE
+from tests.support import eventually
 
 Client = TestClient[web.Request, web.Application]
 JSON = {"Content-Type": "application/json"}
@@ -198,8 +199,7 @@ async def test_catch_up_under_a_publisher_at_full_speed_has_no_gap_and_no_duplic
     subscribers: list[tuple[int, list[int], asyncio.Task[None]]] = []
     async with asyncio.timeout(60):
         for join in range(1, joins + 1):
-            while len(published) < join * total // (joins + 2):
-                await asyncio.sleep(0.001)
+            await eventually(lambda: len(published) >= join * total // (joins + 2), 30)  # noqa: B023
             since = sorted(published)[len(published) // 2]  # half way back
             ws = await client.ws_connect("/v1/ws")
             await subscribe(ws, "load.*", since=since)
@@ -208,8 +208,7 @@ async def test_catch_up_under_a_publisher_at_full_speed_has_no_gap_and_no_duplic
         assert len(published) < total, "the publishers were done before the last subscriber came"
         await asyncio.gather(*publishers)
         last = max(published)
-        while not all(got and got[-1] >= last for _, got, _ in subscribers):
-            await asyncio.sleep(0.01)
+        await eventually(lambda: all(got and got[-1] >= last for _, got, _ in subscribers), 30)
         await asyncio.sleep(0.1)  # for any duplicate
         for _, _, reader in subscribers:
             reader.cancel()
@@ -311,10 +310,7 @@ async def test_unsubscribe_stops_messages_and_topic_channels_count_toward_the_li
     await subscribe(ws, "e")
     hub = client.app[STATE].hub.topics
     await ws.close()
-    deadline = time.monotonic() + 5
-    while hub.channels and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not hub.channels, "a closed connection's subscriptions stayed"
+    await eventually(lambda: not hub.channels, 5)  # a closed connection's subscriptions go
 
 
 async def test_publishes_per_connection_are_rate_limited(
@@ -322,8 +318,8 @@ async def test_publishes_per_connection_are_rate_limited(
 ) -> None:
     settings = Settings(ws=WsSettings(max_publishes_per_second=5))
     client = await aiohttp_client(create_app(make_app(), settings))
-    while (await client.get("/readyz")).status != 200:
-        await asyncio.sleep(0.01)
+    await eventually(lambda: client.app[STATE].service is not None, 5)
+    await eventually(lambda: client.app[STATE].service.problem() is None, 30)  # type: ignore[union-attr]
     ws, other = await client.ws_connect("/v1/ws"), await client.ws_connect("/v1/ws")
     await subscribe(other, "#")
     for i in range(6):

@@ -21,7 +21,7 @@ import aio_pika
 import aiohttp
 import orjson
 
-from tests.support import JSON, TERMINAL
+from tests.support import JSON, TERMINAL, eventually
 
 #: Injects the fault; calls `mark()` at the moment the fault takes effect.
 Fault = Callable[[Callable[[], None]], Coroutine[Any, Any, None]]
@@ -278,3 +278,153 @@ async def count_outcomes(amqp_url: str, prefix: str, report: Report) -> None:
                     break
     report.outcomes = outcomes
     report.outcomes_twice = [job_id for job_id, n in outcomes.items() if n > 1]
+
+
+# Topics: a publisher and followers, then an account of every confirmed message ---------------
+
+
+@dataclass
+class TopicReport:
+    scenario: str
+    published: int = 0
+    #: The offsets of the publishes answered 202: the messages every follower must get.
+    confirmed: list[int] = field(default_factory=list)
+    rejected: collections.Counter[str] = field(default_factory=collections.Counter)
+    followers: list[Follower] = field(default_factory=list)
+
+    def row(self) -> str:
+        lost = sum(len(f.missing(self.confirmed)) for f in self.followers)
+        duplicated = sum(f.duplicates for f in self.followers)
+        disorder = sum(f.out_of_order for f in self.followers)
+        reconnects = sum(f.reconnects for f in self.followers)
+        rejected = ", ".join(f"{n} {why}" for why, n in sorted(self.rejected.items())) or "0"
+        return (
+            f"| {self.scenario} | {self.published} | {len(self.confirmed)} | {rejected} "
+            f"| {len(self.followers)} | {reconnects} | {lost} | {duplicated} | {disorder} |"
+        )
+
+
+TOPIC_HEADER = (
+    "| scenario | published | confirmed | rejected | followers | reconnects | lost | duplicated "
+    "| out of order |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+class Follower:
+    """A websocket client that follows a topic pattern as the README says a client should: it
+    keeps the offset of the last message it got and, whenever its connection ends, connects
+    again (to whichever server is up) and resubscribes with `since` = that offset."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        urls: Callable[[], list[str]],
+        pattern: str,
+        since: int,
+        turn: int = 0,
+    ) -> None:
+        self._http = http
+        self._urls = urls
+        self.channel = f"topic:{pattern}"
+        self.last = since
+        self.offsets: list[int] = []
+        self._seen: set[int] = set()
+        self.duplicates = 0
+        self.out_of_order = 0
+        self.reconnects = -1  # the first connect is not one
+        self.expired: list[dict[str, Any]] = []
+        self._turn = itertools.count(turn)  # which of `urls` to connect to next
+
+    def missing(self, confirmed: list[int]) -> set[int]:
+        return set(confirmed) - self._seen
+
+    async def run(self) -> None:
+        """Follow until cancelled."""
+        while True:
+            self.reconnects += 1
+            urls = self._urls()
+            url = urls[next(self._turn) % len(urls)]
+            with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                async with self._http.ws_connect(url + "/v1/ws", heartbeat=None) as ws:
+                    await ws.send_json(
+                        {"op": "subscribe", "channel": self.channel, "since": self.last}
+                    )
+                    async for message in ws:
+                        if message.type is not aiohttp.WSMsgType.TEXT:
+                            break
+                        self._on_frame(orjson.loads(message.data))
+            await asyncio.sleep(0.2)
+
+    def _on_frame(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "message":
+            offset = frame["offset"]
+            if offset in self._seen:
+                self.duplicates += 1
+            elif offset < self.last:
+                self.out_of_order += 1
+            self.offsets.append(offset)
+            self._seen.add(offset)
+            self.last = max(self.last, offset)
+        elif frame.get("code") == "offset_expired":
+            self.expired.append(frame)
+
+
+async def publish_load(
+    http: aiohttp.ClientSession,
+    urls: Callable[[], list[str]],
+    report: TopicReport,
+    total: int,
+    concurrency: int,
+    fault_at: int,
+    fault: Fault,
+) -> None:
+    """POST messages to topics `load.<n % 5>` until `total` are confirmed (or 90 s pass),
+    `concurrency` at a time, and inject `fault` after `fault_at` publishes. The load spans the
+    fault: it goes on until the fault is over and a publish after it was confirmed."""
+    counter = itertools.count()
+    give_up = time.monotonic() + 90
+    fault_task: asyncio.Task[None] | None = None
+    faulted: list[float] = []
+    confirmed_after: list[float] = []
+
+    def done() -> bool:
+        if len(report.confirmed) < total:
+            return False
+        return fault_task is not None and fault_task.done() and bool(confirmed_after)
+
+    async def publisher() -> None:
+        nonlocal fault_task
+        while not done() and time.monotonic() < give_up:
+            n = next(counter)
+            if n == fault_at:
+                fault_task = asyncio.create_task(fault(lambda: faulted.append(time.monotonic())))
+            live = urls()
+            sent = time.monotonic()
+            report.published += 1
+            try:
+                async with http.post(
+                    f"{live[n % len(live)]}/v1/topics/load.{n % 5}",
+                    data=orjson.dumps({"n": n}),
+                    headers=JSON,
+                ) as response:
+                    if response.status == 202:
+                        report.confirmed.append((await response.json())["offset"])
+                        if faulted and sent > faulted[0]:
+                            confirmed_after.append(sent)
+                        continue
+                    report.rejected[str(response.status)] += 1
+            except (TimeoutError, aiohttp.ClientError):
+                report.rejected["no connection"] += 1
+            await asyncio.sleep(0.2)  # back off while the service is unavailable
+
+    await asyncio.gather(*(publisher() for _ in range(concurrency)))
+    if fault_task is not None:
+        await fault_task
+
+
+async def caught_up(report: TopicReport, deadline: float) -> None:
+    """Wait until every follower got past the last confirmed offset, or `deadline` seconds."""
+    last = max(report.confirmed)
+    with contextlib.suppress(TimeoutError):  # the account says what is missing
+        await eventually(lambda: all(f.last >= last for f in report.followers), deadline)
+    await asyncio.sleep(0.3)  # for a late duplicate

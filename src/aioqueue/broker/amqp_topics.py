@@ -23,11 +23,11 @@ import contextlib
 import itertools
 import logging
 import secrets
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
@@ -64,6 +64,7 @@ class AmqpTopics(TopicLog):
         self._credit: StreamCredit | None = None
         self._catch_up: AbstractConnection | None = None
         self._catch_up_lock = asyncio.Lock()
+        self._closing: set[asyncio.Future[Any]] = set()
 
     def arguments(self) -> dict[str, Any]:
         """The stream's arguments. Retention deletes whole segments, the oldest first: a
@@ -168,11 +169,7 @@ class AmqpTopics(TopicLog):
     # Catch-up ----------------------------------------------------------------------------------
 
     async def read(self, after: int) -> AsyncGenerator[TopicEntry, None]:
-        connection = await self._catch_up_connection()
-        try:
-            channel = await connection.channel()
-        except Exception as exc:
-            raise BrokerUnavailable(f"topic catch-up: {type(exc).__name__}: {exc}") from exc
+        channel = await self._open_channel()
         lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def on_close(*_: Any) -> None:
@@ -180,7 +177,6 @@ class AmqpTopics(TopicLog):
                 lost.set_result(None)
 
         channel.close_callbacks.add(on_close)
-        getting: asyncio.Future[DeliveredMessage] | None = None
         try:
             raw = await channel.get_underlay_channel()
             await raw.basic_qos(prefetch_count=READ_PREFETCH)
@@ -190,16 +186,7 @@ class AmqpTopics(TopicLog):
             )
             unacked = 0
             while True:
-                if arrived.empty():
-                    getting = asyncio.ensure_future(arrived.get())
-                    waits: set[asyncio.Future[Any]] = {getting, lost}
-                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                    if not getting.done():
-                        getting.cancel()
-                        raise BrokerUnavailable("topic catch-up: the connection to RabbitMQ closed")
-                    message = getting.result()
-                else:
-                    message = arrived.get_nowait()
+                message = await _next(arrived, lost)
                 unacked += 1
                 if unacked >= READ_PREFETCH // 4:
                     unacked = 0
@@ -217,11 +204,20 @@ class AmqpTopics(TopicLog):
         except Exception as exc:
             raise BrokerUnavailable(f"topic catch-up: {type(exc).__name__}: {exc}") from exc
         finally:
-            if getting is not None:
-                getting.cancel()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
-                    await channel.close()
+            # In the background and never cut short: aiormq closes the whole connection when a
+            # Channel.Close is cancelled half-way (seen under load, with a timeout here), and
+            # every other catch-up on it fails.
+            self._spawn(channel.close())
+
+    async def _open_channel(self) -> AbstractChannel:
+        connection = await self._catch_up_connection()
+        try:
+            return await connection.channel()
+        except Exception as exc:
+            if self._catch_up is connection:  # a connection that cannot open a channel is done
+                self._catch_up = None
+                self._spawn(connection.close())
+            raise BrokerUnavailable(f"topic catch-up: {type(exc).__name__}: {exc}") from exc
 
     async def _catch_up_connection(self) -> AbstractConnection:
         async with self._catch_up_lock:
@@ -240,13 +236,44 @@ class AmqpTopics(TopicLog):
                     raise BrokerUnavailable(f"topic catch-up: {type(exc).__name__}: {exc}") from exc
             return self._catch_up
 
+    def _spawn(self, closing: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(closing)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+        task.add_done_callback(_retrieve)
+
     async def close(self) -> None:
+        for task in self._closing:
+            task.cancel()
         if self._credit is not None:
             self._credit.cancel()
         if self._catch_up is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
                     await self._catch_up.close()
+
+
+async def _next(
+    arrived: asyncio.Queue[DeliveredMessage], lost: asyncio.Future[None]
+) -> DeliveredMessage:
+    """The next message that arrived; BrokerUnavailable once the channel is closed."""
+    if not arrived.empty():
+        return arrived.get_nowait()
+    getting = asyncio.ensure_future(arrived.get())
+    try:
+        waits: set[asyncio.Future[Any]] = {getting, lost}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not getting.done():
+            getting.cancel()
+    if getting.done() and not getting.cancelled():
+        return getting.result()
+    raise BrokerUnavailable("topic catch-up: the connection to RabbitMQ closed")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # a close that failed: the channel or connection is gone anyway
 
 
 def _text(value: Any) -> str:
