@@ -6,8 +6,8 @@ the submit-time check) and the app's queues, so that a client, or a fuzzer such 
 can tell a valid submit from an invalid one. The description says what the server does, no more:
 every status code listed is one the handler can answer, and `tests/test_openapi.py` checks that
 every route on the router is described. The websocket (`GET /v1/ws`) is no request/response
-operation OpenAPI can describe; `info.description` points to its protocol instead.
-`schemas`, `submit_body` and `package_version` are shared with what describes the websocket.
+operation OpenAPI can describe: `/asyncapi.json` (asyncapi.py) does, with the job record and the
+submit body from here (`schemas`, `submit_body`), and the same version.
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ documents (`application/problem+json`); validation errors name each bad field in
 An integer is written without a fraction: `2.0` is a float, which no integer field takes.
 
 The websocket `GET /v1/ws` (not described here: OpenAPI has no way to) takes text frames of \
-one JSON object each: `{"op": "subscribe", "channel": "job:ID"}`, `unsubscribe`, \
-`{"op": "submit", "job": <the body of POST /v1/jobs>}` and `ping`; it pushes \
-`{"type": "job", "channel", "event", "job": <job record>}` frames. See the README."""
+one JSON object each: `{"op": "subscribe", "channel": "job:ID"}` (or `"topic:PATTERN"`), \
+`unsubscribe`, `{"op": "submit", "job": <the body of POST /v1/jobs>}`, `publish` and `ping`; \
+it pushes `{"type": "job", "channel", "event", "job": <job record>}` and topic `message` \
+frames. `GET /asyncapi.json` describes it: its AsyncAPI 3.0 document."""
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -490,6 +491,13 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "operationId": "openapi",
                 "summary": "This description",
                 "responses": {"200": _ok("OpenAPI 3.1", {"type": "object"}), **_errors(400)},
+            }
+        },
+        "/asyncapi.json": {
+            "get": {
+                "operationId": "asyncapi",
+                "summary": "The AsyncAPI 3.0 description of the websocket `GET /v1/ws`",
+                "responses": {"200": _ok("AsyncAPI 3.0", {"type": "object"}), **_errors(400)},
             }
         },
     }
