@@ -110,11 +110,11 @@ async def test_schemathesis_finds_nothing(
     assert code == 0, output[-20000:]
     assert report["complete"] and not report["failures"] and not report["errors"], output[-20000:]
     assert report["test_cases"]["with_failures"] == report["test_cases"]["errored"] == 0
-    # All 9 but GET /openapi.json, which schemathesis does not fuzz: it loaded the run from it.
-    assert report["operations"]["tested"] == report["operations"]["total"] == 8
+    # All 11 but GET /openapi.json, which schemathesis does not fuzz: it loaded the run from it.
+    assert report["operations"]["tested"] == report["operations"]["total"] == 10
     assert "unexpected error" not in server.log(), server.log()[-5000:]
     # It did make requests, to every operation, and some were accepted and some refused.
-    assert len(entries) >= 8 * MAX_EXAMPLES, statuses
+    assert len(entries) >= 10 * MAX_EXAMPLES, statuses
     assert {202, 200, 400, 404, 405} <= set(statuses), statuses
     described = {
         ("POST", "/v1/jobs"),
@@ -122,9 +122,11 @@ async def test_schemathesis_finds_nothing(
         ("GET", "/v1/jobs/"),
         ("DELETE", "/v1/jobs/"),
         ("POST", "/retry"),
+        ("POST", "/v1/topics/"),
         ("GET", "/v1/tasks"),
         ("GET", "/healthz"),
         ("GET", "/readyz"),
+        ("GET", "/asyncapi.json"),
     }
     requested = {
         (entry["request"]["method"], _shape(entry["request"]["url"].removeprefix(server.url)))
@@ -140,4 +142,6 @@ def _shape(path: str) -> str:
         return "/retry"
     if path.startswith("/v1/jobs/"):
         return "/v1/jobs/"
+    if path.startswith("/v1/topics/"):
+        return "/v1/topics/"
     return path

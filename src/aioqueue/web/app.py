@@ -13,6 +13,7 @@ from aioqueue.config import Settings
 from aioqueue.service import Service
 from aioqueue.tasks import Registry
 from aioqueue.web import handlers
+from aioqueue.web.asyncapi import asyncapi_json
 from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE, ServiceBinding, State
@@ -50,6 +51,7 @@ def install(
     web_app.router.add_get("/healthz", handlers.healthz)
     web_app.router.add_get("/readyz", handlers.readyz)
     web_app.router.add_get("/openapi.json", openapi_json)
+    web_app.router.add_get("/asyncapi.json", asyncapi_json)
     web_app.cleanup_ctx.append(_lifecycle)
     web_app.on_shutdown.append(_close_websockets)
 

@@ -6,7 +6,8 @@ the submit-time check) and the app's queues, so that a client, or a fuzzer such 
 can tell a valid submit from an invalid one. The description says what the server does, no more:
 every status code listed is one the handler can answer, and `tests/test_openapi.py` checks that
 every route on the router is described. The websocket (`GET /v1/ws`) is no request/response
-operation OpenAPI can describe; `info.description` points to its protocol instead.
+operation OpenAPI can describe: `/asyncapi.json` (asyncapi.py) does, with the job record and the
+submit body from here (`schemas`, `submit_body`), and the same version.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from aioqueue.jobs import JobStatus
 from aioqueue.tasks import PRIORITIES
 from aioqueue.web.handlers import MAX_LIMIT, MAX_WAIT
 from aioqueue.web.problems import problems
-from aioqueue.web.state import STATE
+from aioqueue.web.state import STATE, State
 
 if TYPE_CHECKING:
     from aioqueue.tasks import Task
@@ -42,9 +43,10 @@ documents (`application/problem+json`); validation errors name each bad field in
 An integer is written without a fraction: `2.0` is a float, which no integer field takes.
 
 The websocket `GET /v1/ws` (not described here: OpenAPI has no way to) takes text frames of \
-one JSON object each: `{"op": "subscribe", "channel": "job:ID"}`, `unsubscribe`, \
-`{"op": "submit", "job": <the body of POST /v1/jobs>}` and `ping`; it pushes \
-`{"type": "job", "channel", "event", "job": <job record>}` frames. See the README."""
+one JSON object each: `{"op": "subscribe", "channel": "job:ID"}` (or `"topic:PATTERN"`), \
+`unsubscribe`, `{"op": "submit", "job": <the body of POST /v1/jobs>}`, `publish` and `ping`; \
+it pushes `{"type": "job", "channel", "event", "job": <job record>}` and topic `message` \
+frames. `GET /asyncapi.json` describes it: its AsyncAPI 3.0 document."""
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -129,6 +131,17 @@ def _errors(*statuses: int) -> dict[str, dict[str, Any]]:
     return {str(status): ERRORS[str(status)] for status in statuses}
 
 
+#: A topic message's offset (the websocket's frames carry it too).
+OFFSET = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "the message's place in the topic log: strictly increasing, the same on every"
+    " process; subscribe with `since` to resume after it",
+}
+#: A topic name (CONTRACT §6); UTF-8 bytes are checked apart, `maxLength` counts characters.
+TOPIC_NAME = {"type": "string", "pattern": topics.TOPIC_PATTERN, "maxLength": topics.MAX_BYTES}
+
+
 def _submit_fields(queues: list[str], max_timeout: float) -> dict[str, Any]:
     """The optional submit fields (all but `task` and `args`), as `build_spec` checks them."""
     delay = {"type": "number", "minimum": 0, "maximum": submission.MAX_DELAY}
@@ -162,6 +175,18 @@ def _submit_fields(queues: list[str], max_timeout: float) -> dict[str, Any]:
     return fields
 
 
+def submit_body(state: State) -> Any:
+    """The JSON Schema of the submit body of the app `state` serves (POST /v1/jobs, and the
+    websocket's `submit` op)."""
+    tasks = sorted(state.registry.tasks.values(), key=lambda task: task.name)
+    queues = sorted({task.queue for task in tasks})
+    # The longest timeout a submit may ask for depends on the broker: the service's own bound
+    # (Service.__init__ decides it), which the producer passes to `build_spec`.
+    service = state.service
+    max_timeout = submission.MAX_TIMEOUT if service is None else service.jobs.max_timeout
+    return _submit_body(tasks, queues, max_timeout)
+
+
 def _submit_body(tasks: list[Task[Any, Any]], queues: list[str], max_timeout: float) -> Any:
     """One branch per task: its name, the JSON Schema of its args, and the common fields."""
     fields = _submit_fields(queues, max_timeout)
@@ -188,8 +213,9 @@ def _submit_body(tasks: list[Task[Any, Any]], queues: list[str], max_timeout: fl
     return {"oneOf": branches} if branches else {"not": {}}
 
 
-def _schemas() -> dict[str, Any]:
-    """The response bodies: the job record, its list, the tasks, the problem document."""
+def schemas() -> dict[str, Any]:
+    """The response bodies: the job record, its list, the tasks, the problem document (the job
+    record and its parts are the websocket's too, in /asyncapi.json)."""
     time = {"type": "string", "format": "date-time"}
     maybe_time = {"type": ["string", "null"], "format": "date-time"}
     return {
@@ -309,12 +335,7 @@ def _schemas() -> dict[str, Any]:
             "required": ["topic", "offset"],
             "properties": {
                 "topic": {"type": "string"},
-                "offset": {
-                    "type": "integer",
-                    "minimum": 0,
-                    "description": "the message's place in the topic log: strictly increasing,"
-                    " the same on every process; subscribe with `since` to resume after it",
-                },
+                "offset": OFFSET,
             },
         },
     }
@@ -325,7 +346,7 @@ TOPIC = {
     "in": "path",
     "required": True,
     "description": "dot-separated words of A-Z a-z 0-9 _ -, 1 to 255 bytes (CONTRACT §6)",
-    "schema": {"type": "string", "pattern": topics.TOPIC_PATTERN, "maxLength": topics.MAX_BYTES},
+    "schema": TOPIC_NAME,
 }
 
 JOB_ID = {
@@ -472,28 +493,29 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "responses": {"200": _ok("OpenAPI 3.1", {"type": "object"}), **_errors(400)},
             }
         },
+        "/asyncapi.json": {
+            "get": {
+                "operationId": "asyncapi",
+                "summary": "The AsyncAPI 3.0 description of the websocket `GET /v1/ws`",
+                "responses": {"200": _ok("AsyncAPI 3.0", {"type": "object"}), **_errors(400)},
+            }
+        },
     }
 
 
 def document(request: web.Request) -> dict[str, Any]:
     """The OpenAPI description of the app that serves `request`."""
-    state = request.app[STATE]
-    tasks = sorted(state.registry.tasks.values(), key=lambda task: task.name)
-    queues = sorted({task.queue for task in tasks})
-    # The longest timeout a submit may ask for depends on the broker: the service's own bound
-    # (Service.__init__ decides it), which the producer passes to `build_spec`.
-    service = state.service
-    max_timeout = submission.MAX_TIMEOUT if service is None else service.jobs.max_timeout
     return {
         "openapi": OPENAPI_VERSION,
-        "info": {"title": "aioqueue", "version": _version(), "description": DESCRIPTION},
-        "paths": _paths(_submit_body(tasks, queues, max_timeout)),
-        "components": {"schemas": _schemas()},
+        "info": {"title": "aioqueue", "version": package_version(), "description": DESCRIPTION},
+        "paths": _paths(submit_body(request.app[STATE])),
+        "components": {"schemas": schemas()},
     }
 
 
 @functools.cache
-def _version() -> str:
+def package_version() -> str:
+    """aioqueue's version: /openapi.json's and /asyncapi.json's `info.version`."""
     try:
         return version("aioqueue")
     except PackageNotFoundError:  # run from a source tree that is not installed

@@ -26,6 +26,7 @@ import orjson
 from aioqueue.broker.base import TopicLog
 from aioqueue.errors import BrokerUnavailable
 from aioqueue.topics import Matcher, compile_pattern
+from aioqueue.web.protocol import ErrorCode
 
 if TYPE_CHECKING:
     from aioqueue.web.hub import Connection
@@ -149,10 +150,11 @@ class TopicHub:
 
 
 def offset_expired(channel: str, since: int, first: int) -> bytes:
+    code: ErrorCode = "offset_expired"
     return orjson.dumps(
         {
             "type": "error",
-            "code": "offset_expired",
+            "code": code,
             "message": f"the messages after offset {since} up to {first} are past the retention;"
             f" going on from {first}",
             "first": first,

@@ -1,7 +1,9 @@
 """`GET /v1/ws`: the websocket protocol (CONTRACT §3). One JSON object per text frame.
 
 A bad frame gets an `error` frame and the connection stays open; a frame over
-`ws.max_frame_bytes` is closed by aiohttp with 1009.
+`ws.max_frame_bytes` is closed by aiohttp with 1009. The codes of error frames are protocol.py's
+`ERRORS`; the ops are `OPS` below. `GET /asyncapi.json` (asyncapi.py) describes both, and every
+frame.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from aioqueue.errors import (
 from aioqueue.topics import check_pattern
 from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
 from aioqueue.web.problems import problem
+from aioqueue.web.protocol import SNAPSHOT, ErrorCode
 from aioqueue.web.state import STATE, State
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ def _normal_origins(allowed: tuple[str, ...]) -> frozenset[str | None]:
 
 
 class FrameError(Exception):
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    def __init__(self, code: ErrorCode, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -140,7 +143,7 @@ def _send(conn: Connection, reply: dict[str, Any] | bytes, frame_id: Any = None)
     conn.send(reply)
 
 
-def _error(code: str, message: str, **extra: Any) -> dict[str, Any]:
+def _error(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
@@ -190,7 +193,7 @@ async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> l
     # Subscribing and taking the snapshot with no await in between: every later event follows
     # the snapshot, none is missed and none comes twice.
     state.hub.subscribe(conn, channel)
-    return [{"type": "subscribed", "channel": channel}, job_frame(channel, "snapshot", job)]
+    return [{"type": "subscribed", "channel": channel}, job_frame(channel, SNAPSHOT, job)]
 
 
 async def _unsubscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
