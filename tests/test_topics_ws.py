@@ -332,3 +332,22 @@ async def test_publishes_per_connection_are_rate_limited(
     await asyncio.sleep(replies[-1]["retry_after"])
     await ws.send_json({"op": "publish", "topic": "t", "data": 5})
     assert (await receive(ws))["type"] == "published"
+
+
+async def test_catch_ups_beyond_the_limit_wait_for_their_turn(
+    serve: Callable[..., Awaitable[Client]],
+) -> None:
+    """topics.max_catch_ups = 1: a catch-up held up by a client that does not read keeps the
+    second one waiting (nothing sent); once the first client goes, the second gets everything."""
+    client = await serve("memory://", max_catch_ups=1)
+    topics = client.app[STATE].topics()
+    blob = "x" * 900
+    offsets = [await topics.publish("bulk", blob) for _ in range(3000)]  # megabytes to send
+    stuck = await client.ws_connect("/v1/ws")
+    await subscribe(stuck, "bulk", since=-1)  # and never read: its catch-up waits for room
+    await asyncio.sleep(0.5)
+    waiting = await client.ws_connect("/v1/ws")
+    await subscribe(waiting, "bulk", since=offsets[-4])
+    await nothing_more(waiting, 0.5)
+    await stuck.close()
+    assert [m["offset"] for m in await messages(waiting, 3)] == offsets[-3:]

@@ -164,6 +164,7 @@ class TopicsSettings:
     retention_seconds: int = _int(604800, 1)  # how long topic messages stay for `since` catch-up
     retention_bytes: int = _int(2**30, 2**16)  # and how many bytes of them, at most
     max_message_bytes: int = _int(65536, 16)  # one published message, as JSON
+    max_catch_ups: int = _int(32, 1)  # `since` replays at once per process; more wait their turn
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,7 +44,8 @@ TOPIC_HEADER = "aq-topic"
 #: A publish's or a probe's mark: this process's id, a dot, a counter.
 MARK_HEADER = "aq-mark"
 LIVE_PREFETCH = 1000
-READ_PREFETCH = 512
+#: Messages a catch-up reads ahead: its memory is at most this many of topics.max_message_bytes.
+READ_PREFETCH = 128
 #: Publishes (body, headers) to the stream; returns once confirmed, else BrokerUnavailable.
 Publish = Callable[[bytes, dict[str, Any]], Coroutine[Any, Any, None]]
 

@@ -212,9 +212,9 @@ def _cancelling() -> bool:
 class Hub:
     """Channel name -> connections subscribed to it; topic channels are `topics`'."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_catch_ups: int = 32) -> None:
         self.channels: dict[str, set[Connection]] = {}
-        self.topics = TopicHub()
+        self.topics = TopicHub(max_catch_ups)
 
     def subscribe(self, conn: Connection, channel: str) -> None:
         self.channels.setdefault(channel, set()).add(conn)

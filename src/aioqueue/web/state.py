@@ -27,11 +27,14 @@ class State:
     registry: Registry
     settings: Settings
     bind: ServiceBinding | None = None
-    hub: Hub = field(default_factory=Hub)
+    hub: Hub = field(init=False)
     service: Service | None = None
     connections: set[Connection] = field(default_factory=set)
     #: Sync tasks' threads still running once the service closed.
     threads_left: int = 0
+
+    def __post_init__(self) -> None:
+        self.hub = Hub(self.settings.topics.max_catch_ups)
 
     def jobs(self) -> Jobs:
         """The producer side of the service; NotReady (503) before the service is built (its

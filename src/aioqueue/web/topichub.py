@@ -72,8 +72,10 @@ class TopicChannel:
 
 
 class TopicHub:
-    def __init__(self) -> None:
+    def __init__(self, max_catch_ups: int) -> None:
         self.channels: dict[str, TopicChannel] = {}
+        #: A catch-up holds a broker channel and its read-ahead: at most this many at once.
+        self._catch_ups = asyncio.Semaphore(max_catch_ups)
         #: topic -> the channels whose pattern matches it.
         self._routes: dict[str, tuple[TopicChannel, ...]] = {}
 
@@ -127,6 +129,10 @@ class TopicHub:
                     sub.conn.send(frame)
 
     async def _catch_up(self, channel: TopicChannel, sub: TopicSub, log: TopicLog) -> None:
+        async with self._catch_ups:
+            await self._replay(channel, sub, log)
+
+    async def _replay(self, channel: TopicChannel, sub: TopicSub, log: TopicLog) -> None:
         conn = sub.conn
         while True:
             try:
