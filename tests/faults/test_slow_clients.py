@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from aioqueue.web.hub import CLOSE_TIMEOUT, SEND_TIMEOUT
-from tests.support import ServeProcess, submit, wait_ready
+from tests.support import JSON, ServeProcess, submit, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -195,3 +195,72 @@ async def test_a_client_that_sends_but_never_reads_is_still_closed(
         sending.cancel()
         await asyncio.gather(sending, return_exceptions=True)
         sock.close()
+
+
+async def test_topic_subscribers_that_do_not_read_are_closed_and_a_reader_gets_every_message(
+    server: ServeProcess, http: aiohttp.ClientSession
+) -> None:
+    """Topic messages are never coalesced: 50 live subscribers and 50 catching up (`since`)
+    that never read are closed and their sockets released, while a client that reads gets
+    every message once, in order."""
+    await wait_ready(http, server.url)
+    assert server.proc is not None
+    process = psutil.Process(server.proc.pid)
+    host, port = server.url.removeprefix("http://").split(":")
+    published: list[int] = []
+
+    # Ten connections at most: the socket counts must not hinge on keep-alive connections.
+    publisher = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=10))
+
+    async def publish(n: int) -> None:
+        body = orjson.dumps({"n": n, "pad": "x" * 500})
+        url = f"{server.url}/v1/topics/feed.{n % 3}"
+        async with publisher.post(url, data=body, headers=JSON) as r:
+            assert r.status == 202, await r.text()
+            published.append((await r.json())["offset"])
+
+    for batch in range(20):  # 2,000 retained messages, 1 MB, for the ones catching up
+        await asyncio.gather(*(publish(batch * 100 + n) for n in range(100)))
+    before = open_sockets(process)
+    live = [await slow_client(host, int(port), "topic:feed.#") for _ in range(50)]
+    catching_up = [await slow_topic_client(host, int(port), "topic:#", since=-1) for _ in range(50)]
+    during = open_sockets(process)
+    close_due = time.monotonic() + SEND_TIMEOUT + CLOSE_TIMEOUT
+    released = asyncio.create_task(wait_released(process, before, close_due + RELEASE_DEADLINE))
+    got: list[int] = []
+    async with http.ws_connect(server.url + "/v1/ws") as reader:
+        await reader.send_json({"op": "subscribe", "channel": "topic:feed.*", "since": -1})
+        end = time.monotonic() + SEND_TIMEOUT + 3
+        n = len(published)
+        while time.monotonic() < end:  # a publisher, beside the clients
+            await asyncio.gather(*(publish(n + k) for k in range(20)))
+            n += 20
+            while len(got) < len(published) - 200:
+                frame = await reader.receive_json(timeout=5)
+                if frame["type"] == "message":
+                    got.append(frame["offset"])
+        while len(got) < len(published):
+            frame = await reader.receive_json(timeout=5)
+            if frame["type"] == "message":
+                got.append(frame["offset"])
+    await publisher.close()
+    released_at, after = await released
+    sockets = live + catching_up
+    closed = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, s) for s in sockets)))
+    for sock in sockets:
+        sock.close()
+    print(
+        f"\n{len(published)} topic messages; slow topic clients closed {closed} of {len(sockets)};"
+        f" fds/ESTABLISHED before {before}, {released_at - close_due:+.1f} s after due {after}"
+    )
+    assert got == sorted(published)
+    assert during[1] >= before[1] + len(sockets)  # the count sees the clients at all
+    assert closed == len(sockets)
+    assert after[0] <= before[0] + SLACK and after[1] <= before[1] + SLACK
+
+
+async def slow_topic_client(host: str, port: int, channel: str, since: int) -> socket.socket:
+    sock = await raw_websocket(host, port)
+    frame = orjson.dumps({"op": "subscribe", "channel": channel, "since": since})
+    await asyncio.get_running_loop().sock_sendall(sock, masked_text_frame(frame))
+    return sock
