@@ -78,3 +78,16 @@ def test_the_readme_lists_every_websocket_error_code() -> None:
     section = readme[readme.index("## Websocket") : readme.index("## Topics")]
     rows = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.MULTILINE))
     assert rows == ERRORS
+
+
+def test_the_readme_shows_the_script_of_the_topics_page() -> None:
+    """The README's copy-paste page script is examples/topics.html's, line for line (the page
+    itself is tested in a browser: tests/e2e/test_browser.py)."""
+    page = (ROOT / "examples" / "topics.html").read_text()
+    script = page[page.index("<script>\n") + len("<script>\n") : page.index("</script>")]
+    readme = (ROOT / "README.md").read_text()
+    topics = readme[readme.index("## Topics") : readme.index("## CLI")]
+    blocks = re.findall(r"```js\n(.*?)```", topics, re.DOTALL)
+    assert len(blocks) == 1, "the Topics section has one js block: the page's script"
+    assert blocks[0] == script
+    assert "new WebSocket(" in script and "since" in script and "localStorage" in script
