@@ -82,12 +82,16 @@ async def post(client: Client, topic: str, data: Any) -> dict[str, Any]:
     return dict(await response.json())
 
 
-async def subscribe(ws: Any, pattern: str, since: int | None = None) -> None:
+async def subscribe(ws: Any, pattern: str, since: int | None = None) -> int:
+    """Subscribe; the reply's `since`: the offset the messages follow."""
     frame: dict[str, Any] = {"op": "subscribe", "channel": f"topic:{pattern}"}
     if since is not None:
         frame["since"] = since
     await ws.send_json(frame)
-    assert await receive(ws) == {"type": "subscribed", "channel": f"topic:{pattern}"}
+    reply = await receive(ws)
+    assert reply == {"type": "subscribed", "channel": f"topic:{pattern}", "since": reply["since"]}
+    assert since is None or reply["since"] == since
+    return int(reply["since"])
 
 
 async def messages(ws: Any, count: int, deadline: float = 10.0) -> list[dict[str, Any]]:
@@ -164,6 +168,17 @@ async def test_since_sends_the_retained_messages_then_live_ones(client: Client) 
     [got] = await messages(ws, 1)
     assert got["offset"] == live["offset"] and got["data"] == "live"
     await nothing_more(ws)
+
+
+async def test_a_live_subscription_says_after_which_offset_its_messages_come(
+    client: Client,
+) -> None:
+    ws = await client.ws_connect("/v1/ws")
+    last = (await post(client, "a", 0))["offset"]
+    assert await subscribe(ws, "b.#") == last  # where a reconnect resumes without a gap
+    await nothing_more(ws, 0.1)
+    after = (await post(client, "b.c", 1))["offset"]
+    assert [m["offset"] for m in await messages(ws, 1)] == [after]
 
 
 async def test_since_from_the_start_and_from_the_newest(client: Client) -> None:

@@ -67,6 +67,8 @@ class Op(NamedTuple):
     reply_fields: dict[str, Any]
     #: None where a fixed example would not be valid for every app.
     example: dict[str, Any] | None
+    #: Reply fields that are not always there.
+    reply_optional: tuple[str, ...] = ()
 
 
 _JOB = {"$ref": SCHEMAS + "Job"}
@@ -94,8 +96,18 @@ OPS_DESCRIBED: dict[str, Op] = {
         required=("channel",),
         reply="subscribed",
         reply_summary="Subscribed; on a job channel, its `snapshot` follows",
-        reply_fields={"channel": {"type": "string"}},
+        reply_fields={
+            "channel": {"type": "string"},
+            "since": {
+                "type": "integer",
+                "minimum": -1,
+                "description": "topic channels only: the offset the messages follow (the"
+                " `since` sent, or for a live subscription the last offset before it); a"
+                " client that drops before its first message resubscribes with it",
+            },
+        },
         example={"op": "subscribe", "channel": "topic:orders.#", "since": 41, "id": 1},
+        reply_optional=("since",),
     ),
     "unsubscribe": Op(
         summary="Stop a subscription",
@@ -171,7 +183,8 @@ def _messages() -> dict[str, Any]:
         examples = {} if op.example is None else {"examples": [{"payload": op.example}]}
         messages[name] = _message(name, op.summary, payload, **examples)
         reply_fields = {"type": {"const": op.reply}, **op.reply_fields, "id": ECHOED_ID}
-        reply = _object(["type", *op.reply_fields], reply_fields)
+        always = [name for name in op.reply_fields if name not in op.reply_optional]
+        reply = _object(["type", *always], reply_fields)
         messages[op.reply] = _message(op.reply, op.reply_summary, reply)
     messages["job"] = _message(
         "job",

@@ -90,7 +90,8 @@ class TopicHub:
             topic_channel = self.channels[channel] = TopicChannel(channel)
             self._routes.clear()
         position = log.position
-        sub = TopicSub(conn, since if since is not None else -1)
+        live_from = -1 if position is None else position - 1
+        sub = TopicSub(conn, since if since is not None else live_from)
         topic_channel.subs[conn] = sub
         conn.subscriptions.add(channel)
         if since is None or (position is not None and since >= position - 1):

@@ -182,11 +182,12 @@ async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> l
         raise FrameError("too_many_subscriptions", f"at most {limit} subscriptions per connection")
     if channel.startswith("topic:"):
         topics = state.topics()
-        if since is not None:
-            await topics.log.wait_position()  # the catch-up must know where live begins
+        await topics.log.wait_position()  # where live begins: the reply says it
         # No await from here to the reply: it goes before every message of the channel.
-        state.hub.topics.subscribe(conn, channel, since, topics.log)
-        return [{"type": "subscribed", "channel": channel}]
+        sub = state.hub.topics.subscribe(conn, channel, since, topics.log)
+        # `since`: the offset the messages follow, to resubscribe with if the connection drops
+        # before the first one comes (for a live subscription, the last one before it).
+        return [{"type": "subscribed", "channel": channel, "since": sub.after}]
     job = state.jobs().get(channel[4:])
     if job is None:
         raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
