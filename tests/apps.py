@@ -70,6 +70,13 @@ async def other_queue(n: int = 0) -> int:
     return n + 1
 
 
+@app.task(topic="albums.{album}.thumbnails")
+async def thumbnails(ctx: Context, album: int | str) -> str:
+    """Its job events are published to albums.<album>.thumbnails.<event> too."""
+    await ctx.progress(0.5, "half")
+    return f"album {album}"
+
+
 @app.task
 async def spawn(ctx: Context, value: int) -> str:
     job = await ctx.submit("echo", {"value": value})

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
 from aioqueue.config import BrokerSettings, StoreSettings, TopicsSettings, WsSettings
+from aioqueue.errors import TaskDefinitionError
 from aioqueue.web.app import create_app
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE
@@ -34,6 +35,10 @@ def make_app() -> App:
     @app.task
     async def announce(ctx: Context, album: int) -> int:
         return await ctx.publish(f"albums.{album}.ready", {"album": album, "job": ctx.job_id})
+
+    @app.task(topic="albums.{album}.thumbnails")
+    async def thumbnails(ctx: Context, album: int | str) -> None:
+        await ctx.progress(0.5)
 
     @app.task
     def announce_sync(ctx: Context, album: int) -> int:
@@ -366,3 +371,46 @@ async def test_catch_ups_beyond_the_limit_wait_for_their_turn(
     await nothing_more(waiting, 0.5)
     await stuck.close()
     assert [m["offset"] for m in await messages(waiting, 3)] == offsets[-3:]
+
+
+async def test_a_task_with_a_topic_publishes_each_event_of_its_jobs_once(client: Client) -> None:
+    ws = await client.ws_connect("/v1/ws")
+    await subscribe(ws, "albums.42.thumbnails.*")
+    await subscribe(ws, "albums.*.thumbnails.succeeded")
+    body = orjson.dumps({"task": "thumbnails", "args": {"album": 42}})
+    job = await (await client.post("/v1/jobs", data=body, headers=JSON)).json()
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(10):
+        while not any(f["topic"].endswith("succeeded") for f in frames):
+            frames += await messages(ws, 1)
+    frames += await messages(ws, 1)  # the succeeded on the second pattern
+    by_channel = {
+        channel: [(f["topic"], f["data"]["event"]) for f in frames if f["channel"] == channel]
+        for channel in ("topic:albums.42.thumbnails.*", "topic:albums.*.thumbnails.succeeded")
+    }
+    events = ["queued", "started", "progress", "succeeded"]
+    assert by_channel == {
+        "topic:albums.42.thumbnails.*": [(f"albums.42.thumbnails.{e}", e) for e in events],
+        "topic:albums.*.thumbnails.succeeded": [("albums.42.thumbnails.succeeded", "succeeded")],
+    }
+    assert all(f["data"]["job"]["id"] == job["id"] for f in frames)
+    assert frames[-1]["data"]["job"]["status"] == "succeeded"
+    await nothing_more(ws)
+
+
+async def test_a_job_whose_args_make_no_topic_publishes_nothing_and_runs(client: Client) -> None:
+    ws = await client.ws_connect("/v1/ws")
+    await subscribe(ws, "#")
+    body = orjson.dumps({"task": "thumbnails", "args": {"album": "not a word"}})
+    job = await (await client.post("/v1/jobs", data=body, headers=JSON)).json()
+    record = await (await client.get(f"/v1/jobs/{job['id']}?wait=10")).json()
+    assert record["status"] == "succeeded"
+    await nothing_more(ws)
+
+
+@pytest.mark.parametrize(
+    "topic", ["albums..x", "albums.{album!r}", "albums.{0}", "albums.{a.b}", "a.*", "x" * 250]
+)
+def test_a_bad_task_topic_is_refused_when_the_task_is_declared(topic: str) -> None:
+    with pytest.raises(TaskDefinitionError, match="topic"):
+        App().task(topic=topic)(lambda: None)

@@ -52,6 +52,7 @@ class App:
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
         priority: int = 0,
+        topic: str | None = None,
     ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
     # mypy cannot match a ParamSpec that only the returned decorator binds (signature 2).
@@ -67,10 +68,13 @@ class App:
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
         priority: int = 0,
+        topic: str | None = None,
     ) -> Task[P, R] | Callable[[Callable[P, R]], Task[P, R]]:
         """Register a function as a task: `@app.task` or `@app.task(queue=..., ...)`.
 
         Options left out take their defaults from `[jobs]` in the config when the job runs.
+        With `topic` (e.g. `"albums.{album}.thumbnails"`), every event of its jobs is also
+        published to `<topic>.<event>` (see jobtopics.py).
         """
 
         def register(fn: Callable[P, R]) -> Task[P, R]:
@@ -83,6 +87,7 @@ class App:
                 retry_backoff=retry_backoff,
                 retry_backoff_max=retry_backoff_max,
                 priority=priority,
+                topic=topic,
             )
             if task.name in self.tasks:
                 raise TaskDefinitionError(f"a task named {task.name!r} is registered already")

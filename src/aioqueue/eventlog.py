@@ -60,6 +60,8 @@ class EventLog:
         #: Of those, the entries that changed a job (not barriers, not checkpoint notes).
         self.changes_applied = 0
         self._flush_due = False
+        #: True while an entry this process wrote is applied (its store listeners may ask).
+        self.applying_own = False
         #: Called with each checkpoint record the log holds (see checkpointer.py).
         self.on_checkpoint: Callable[[dict[str, Any]], None] | None = None
 
@@ -82,18 +84,21 @@ class EventLog:
         try:
             if kind is LogKind.JOB:
                 spec = JobSpec.decode(body)
-                self._store.create(spec)
                 key = spec.id
+                self.applying_own = key in self._echoes
+                self._store.create(spec)
                 self.changes_applied += 1
             else:
                 entry = orjson.loads(body)
-                changes = [self._apply(item) for item in entry["events"]]
                 key = entry["id"]
+                self.applying_own = key in self._echoes
+                changes = [self._apply(item) for item in entry["events"]]
                 self.changes_applied += any(changes)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             logger.exception("skipping a log entry that cannot be applied: %.200r", body)
             return
         finally:
+            self.applying_own = False
             self._store.applied(offset)
             if not self._flush_due:
                 # One write for the entries of FLUSH_EVERY seconds: a transaction per entry cost

@@ -17,6 +17,7 @@ from aioqueue.checkpointer import Checkpointer
 from aioqueue.config import BrokerSettings, Settings, StoreSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, ConfigError, NotReady
 from aioqueue.eventlog import EventLog
+from aioqueue.jobtopics import JobEvents
 from aioqueue.producer import Jobs
 from aioqueue.publisher import Topics
 from aioqueue.runner import Runner
@@ -128,6 +129,9 @@ class Service:
         self.topics = Topics(
             self.broker.topics, settings.topics.max_message_bytes, self._check_open
         )
+        self.job_events = JobEvents(registry.tasks, self.topics, lambda: self.log.applying_own)
+        if self.job_events:
+            self.store.listeners.append(self.job_events.on_change)
         self.runner = Runner(
             registry.tasks,
             settings.jobs,
@@ -202,6 +206,7 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.broker.stop_consuming()
+        await self.job_events.close()
         await self.log.close()
         await self.broker.close()
         self.runner.close()

@@ -9,6 +9,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import TaskDefinitionError
+from aioqueue.jobtopics import TopicTemplate
 from aioqueue.signature import Signature
 
 P = ParamSpec("P")
@@ -34,6 +35,7 @@ class Task(Generic[P, R]):
         retry_backoff: float | None = None,
         retry_backoff_max: float | None = None,
         priority: int = 0,
+        topic: str | None = None,
     ) -> None:
         self.fn = fn
         self.name = name or fn.__name__
@@ -43,6 +45,8 @@ class Task(Generic[P, R]):
         self.retry_backoff = retry_backoff
         self.retry_backoff_max = retry_backoff_max
         self.priority = priority
+        #: Where its jobs' events are published too, if anywhere (see jobtopics.py).
+        self.topic = None if topic is None else TopicTemplate(topic, self.name)
         self.is_async = inspect.iscoroutinefunction(fn)
         self.signature = Signature.of(fn)
         self._check_options()

@@ -111,3 +111,35 @@ async def test_a_client_resuming_with_its_offset_after_restarts_misses_nothing_a
         with pytest.raises(TimeoutError):
             await ws.receive_json(timeout=0.5)
     assert got == published and len(set(got)) == 8
+
+
+async def test_each_job_event_reaches_the_task_topic_once_whichever_process_records_it(
+    started: list[ServeProcess],
+    amqp_url: str,
+    prefix: str,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Ten jobs submitted to A run on A or B; a subscriber on each process gets each event of
+    each job once: the process that recorded it published it, the other did not."""
+    a = await serve(started, amqp_url, prefix, tmp_path, http)
+    b = await serve(started, amqp_url, prefix, tmp_path, http)
+    async with http.ws_connect(a.url + "/v1/ws") as on_a, http.ws_connect(b.url + "/v1/ws") as on_b:
+        for ws in (on_a, on_b):
+            await follow(ws, "albums.#", None)
+        ids = []
+        for album in range(10):
+            body = orjson.dumps({"task": "thumbnails", "args": {"album": album}})
+            async with http.post(a.url + "/v1/jobs", data=body, headers=JSON) as response:
+                ids.append((await response.json())["id"])
+        expected = sorted(
+            (i, e) for i in ids for e in ("queued", "started", "progress", "succeeded")
+        )
+        for ws in (on_a, on_b):
+            got = []
+            for _ in expected:
+                frame = await ws.receive_json(timeout=10)
+                got.append((frame["data"]["job"]["id"], frame["data"]["event"]))
+            assert sorted(got) == expected
+            with pytest.raises(TimeoutError):
+                await ws.receive_json(timeout=0.5)
