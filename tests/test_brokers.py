@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aio_pika
 import pytest
 
 from aioqueue.broker import amqp
@@ -248,3 +249,29 @@ async def test_a_publish_to_an_unknown_queue_is_unavailable_not_a_full_queue(
     broker = await started(Recorder())
     with pytest.raises(BrokerUnavailable, match="could not route"):  # QueueFull is not one
         await broker.publish(b"{}", "no-such-queue")
+
+
+@pytest.mark.amqp
+async def test_streams_declared_with_other_retention_are_kept_with_a_warning(
+    rabbit: RabbitNode, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ refuses to declare a stream again with other arguments; a changed retention in
+    the config must not stop every connect: the streams keep theirs, and the log says so."""
+    connection = await aio_pika.connect(rabbit.url)
+    async with connection:
+        channel = await connection.channel()
+        for name in (f"{prefix}.events", f"{prefix}.topics"):
+            arguments: dict[str, Any] = {"x-queue-type": "stream", "x-max-length-bytes": 1234567}
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+    broker = make_broker(BrokerSettings(url=rabbit.url, prefix=prefix))
+    recorder = Recorder()
+    async with asyncio.timeout(30):
+        await broker.start({"q"}, recorder.on_log, recorder.on_dead)
+    try:
+        assert broker.problem() is None
+        offset = await broker.topics.publish("a.b", b"1")
+        assert offset >= 0
+        kept = [r.getMessage() for r in caplog.records if "keeps the retention" in r.getMessage()]
+        assert len(kept) == 2, kept
+    finally:
+        await broker.close()
