@@ -23,12 +23,11 @@ import logging
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from aiohttp import WSMessage, WSMsgType, web
 
 from aioqueue.jobs import Job
 from aioqueue.ratelimit import TokenBucket
-from aioqueue.web.topichub import TopicHub
+from aioqueue.web.topichub import TopicHub, compact_dumps
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +138,7 @@ class Connection:
                 logger.info("websocket client has not read for %.0f s: closing", SEND_TIMEOUT)
                 self.close(CLOSE_SLOW, "not reading; reconnect and resubscribe")
                 return
+            del frame  # sent: not kept while the connection waits for the next one
 
     def close(self, code: int, message: str) -> None:
         """Stop writing and close the websocket in the background (`wait_closed`)."""
@@ -248,4 +248,5 @@ class Hub:
 
 
 def job_frame(channel: str, event: str, job: Job) -> bytes:
-    return orjson.dumps({"type": "job", "channel": channel, "event": event, "job": job.to_dict()})
+    frame = {"type": "job", "channel": channel, "event": event, "job": job.to_dict()}
+    return compact_dumps(frame)

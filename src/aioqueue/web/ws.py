@@ -29,6 +29,7 @@ from aioqueue.topics import check_pattern
 from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
 from aioqueue.web.problems import problem
 from aioqueue.web.state import STATE, State
+from aioqueue.web.topichub import compact_dumps
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _send(conn: Connection, reply: dict[str, Any] | bytes, frame_id: Any = None)
     if isinstance(reply, dict):
         if frame_id is not None:
             reply["id"] = frame_id
-        reply = orjson.dumps(reply)
+        reply = compact_dumps(reply)  # it may wait in the queue
     conn.send(reply)
 
 
