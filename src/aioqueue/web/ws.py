@@ -89,7 +89,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    conn = Connection(ws, state.settings.ws.send_buffer, state.settings.ws.max_publishes_per_second)
+    limits = state.settings.ws
+    conn = Connection(ws, limits.send_buffer, limits.max_publishes_per_second, request.transport)
     state.connections.add(conn)
     try:
         await conn.serve(_read_frames(state, conn))
