@@ -239,8 +239,10 @@ def report(sides: list[Measured]) -> None:
         if m.meter.others() > 0.1 * m.seconds:
             busy = ", ".join(f"{n} {100 * cpu / m.seconds:.0f}%" for cpu, n in m.meter.busiest)
             print(f"  WARNING: the machine was busy during {m.name}: {busy or 'unknown'}")
-    raw, ours = sides[0], sides[-1]
-    print(f"aioqueue/raw messages/s ratio: {ours.rate / raw.rate:.2f}")
+    raw = [m.rate for m in sides if not m.name.startswith("aioqueue")]
+    ours = [m.rate for m in sides if m.name.startswith("aioqueue")]
+    each = "" if len(raw) == 1 else f" (of the means of {len(raw)} rounds)"
+    print(f"aioqueue/raw messages/s ratio{each}: {sum(ours) / sum(raw):.2f}")
 
 
 async def bench(args: argparse.Namespace, url: str, broker_pid: int | None) -> None:

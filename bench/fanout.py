@@ -124,9 +124,10 @@ class Subscriber:
 class Fleet:
     """W subscribers of one websocket server."""
 
-    def __init__(self, url: str, count: int) -> None:
+    def __init__(self, url: str, count: int, deflate: bool) -> None:
         self.url = url
         self.count = count
+        self.deflate = deflate
         self.subscribers = [Subscriber(self) for _ in range(count)]
         self.latencies: list[float] = []
         self.delivered = 0
@@ -156,7 +157,9 @@ class Fleet:
 
     async def connect(self) -> None:
         for number, sub in enumerate(self.subscribers):
-            sub.client = await WsClient.connect(self.url + "/v1/ws", sub.on_frame)
+            sub.client = await WsClient.connect(
+                self.url + "/v1/ws", sub.on_frame, deflate=self.deflate
+            )
             sub.client.send_json({"op": "subscribe", "channel": CHANNEL, "id": number})
         await self.until("subscribed", lambda: all(s.subscribed for s in self.subscribers))
 
@@ -191,7 +194,7 @@ async def measure(
     server: psutil.Process,
     broker: psutil.Process | None,
 ) -> Measured:
-    fleet = Fleet(url, args.w)
+    fleet = Fleet(url, args.w, args.deflate)
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=args.c)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
@@ -376,7 +379,7 @@ async def bench(args: argparse.Namespace, url: str, broker_pid: int | None) -> N
     print(f"{revision()}; RabbitMQ {redact(url)}; {machine()}; on {loop_name()}")
     print(
         f"W={args.w} clients on {CHANNEL}, M={args.m} counted messages (+{args.warmup} warm-up),"
-        f" C={args.c} POSTs in flight"
+        f" C={args.c} POSTs in flight{'; permessage-deflate' if args.deflate else ''}"
     )
     raw = await measure_raw(args, broker)
     ours = await measure_aioqueue(args, url, broker)
@@ -390,6 +393,11 @@ def main() -> None:
     parser.add_argument("-m", type=int, default=2000, help="counted messages (default 2000)")
     parser.add_argument("-c", type=int, default=20, help="POSTs in flight (default 20)")
     parser.add_argument("--warmup", type=int, default=100, help="uncounted messages first (100)")
+    parser.add_argument(
+        "--deflate",
+        action="store_true",
+        help="the clients offer permessage-deflate, as browsers do (both servers accept it)",
+    )
     parser.add_argument(
         "--profile",
         type=Path,

@@ -6,7 +6,8 @@ wake-up), so the client process, not the server, would set the pace, and every s
 look alike. This one is an `asyncio.Protocol` that parses the frames of each chunk the loop
 hands it in one loop and calls `on_frame(payload, now)` for each text frame; `now` is the
 `perf_counter` at which the chunk arrived. It answers pings (aiohttp's heartbeat) and the close
-handshake. The same code measures every server a benchmark compares.
+handshake, and inflates what the server compressed when it offered permessage-deflate (as
+browsers do) and the server accepted. The same code measures every server a benchmark compares.
 
 Server frames are never masked; a client's always are (RFC 6455 §5.3).
 """
@@ -17,6 +18,7 @@ import asyncio
 import base64
 import os
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -58,6 +60,8 @@ class WsClient(asyncio.Protocol):
         self._handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._buffer = bytearray()
         self._upgraded = False
+        #: Set when the server accepted permessage-deflate: it compresses what it sends.
+        self._inflate: Any = None
 
     @classmethod
     async def connect(
@@ -111,11 +115,14 @@ class WsClient(asyncio.Protocol):
             end = buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            status = bytes(buffer[: buffer.find(b"\r\n")])
+            head = bytes(buffer[:end]).lower()
+            status = head[: head.find(b"\r\n")]
             del buffer[: end + 4]
             if b" 101 " not in status:
                 self._handshake.set_exception(ConnectionError(f"handshake refused: {status!r}"))
                 return
+            if b"permessage-deflate" in head:
+                self._inflate = zlib.decompressobj(-zlib.MAX_WBITS)
             self._upgraded = True
             self._handshake.set_result(None)
         self._frames(buffer)
@@ -124,6 +131,7 @@ class WsClient(asyncio.Protocol):
         now = time.perf_counter()
         pos, size = 0, len(buffer)
         while size - pos >= 2:
+            compressed = buffer[pos] & 0x40  # RSV1: a permessage-deflate message
             opcode, length = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F
             head = 2
             if length == 126:
@@ -139,6 +147,8 @@ class WsClient(asyncio.Protocol):
                 break
             payload = bytes(buffer[pos + head : end])
             pos = end
+            if compressed and self._inflate is not None:
+                payload = self._inflate.decompress(payload + b"\x00\x00\xff\xff")
             if opcode in (TEXT, BINARY):
                 self.frames += 1
                 if self.on_frame is not None:
