@@ -16,8 +16,13 @@ the last frame received; p50 and p99 of publish-to-receive latency (each frame's
 the `t` in its data) over all W x M deliveries; CPU per delivery of this process, the server
 and RabbitMQ. Every client must receive every message once, in order (checked).
 
+With `--deflate` the clients offer permessage-deflate, as browsers do; both servers accept it
+(aiohttp's default), so every frame is compressed once per client. `--profile FILE` runs the
+aioqueue server under cProfile.
+
     python bench/fanout.py                                  # starts a private RabbitMQ node
     python bench/fanout.py --url amqp://guest:guest@127.0.0.1:5672/ -w 200 -m 2000 -c 20
+    python bench/fanout.py --deflate
 """
 
 from __future__ import annotations
