@@ -46,6 +46,7 @@ def topology(url: str, prefix: str, queues: Sequence[str]) -> list[str]:
     broker = AmqpBroker(BrokerSettings(url=url, prefix=prefix), log_max_bytes=2**20)
     return [
         *broker.names.values(),
+        broker.topics.name,
         f"{prefix}.checkpoints",
         *(name for queue in queues for name in broker.queue_names(queue)),
     ]
@@ -78,6 +79,17 @@ def percentile(values: Sequence[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 10) - 1]
+
+
+def print_table(rows: Sequence[Sequence[str]], *, label: bool = True) -> None:
+    """Rows of cells as aligned columns: numbers to the right, the first column to the left
+    when it is a label."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [cell.rjust(width) for cell, width in zip(row, widths, strict=True)]
+        if label:
+            cells[0] = row[0].ljust(widths[0])
+        print("  ".join(cells))
 
 
 def cpu_seconds(process: psutil.Process) -> float:

@@ -28,7 +28,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -198,7 +198,15 @@ async def raw_round_trips(
 class Server:
     """`aioqueue serve bench.apps:app` in a subprocess, configured through its environment."""
 
-    def __init__(self, url: str, prefix: str, prefetch: int, log: IO[bytes]) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        prefetch: int,
+        log: IO[bytes],
+        env: dict[str, str] | None = None,
+        wrapper: Sequence[str] = (),
+    ) -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("AIOQUEUE_")}
         #: Its job store's folder, removed with it (not .aioqueue in the repository).
         self.store_dir = tempfile.mkdtemp(prefix="aioqueue-bench-store-")
@@ -211,6 +219,10 @@ class Server:
             AIOQUEUE_BROKER__PREFETCH=str(prefetch),
             AIOQUEUE_HTTP__PORT="0",
         )
+        self.env.update(env or {})  # more settings, for the other benchmarks
+        #: What runs `-m aioqueue serve`, between the interpreter and it: `-m cProfile -o FILE`
+        #: profiles the served process, `bench/traced.py PREFIX` traces its allocations.
+        self.wrapper = tuple(wrapper)
         self.log = log
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
@@ -220,6 +232,7 @@ class Server:
     async def start(self) -> Server:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *self.wrapper,
             "-m",
             "aioqueue",
             "serve",

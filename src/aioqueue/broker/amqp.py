@@ -39,7 +39,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
-from aioqueue.broker.amqp_topics import AmqpTopics
+from aioqueue.broker.amqp_topics import SKIPPED_PER_SEGMENT, AmqpTopics
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
 from aioqueue.config import BrokerSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
@@ -552,9 +552,10 @@ class AmqpBroker(Broker):
         headers = _headers(message)
         offset = headers.get("x-stream-offset")
         if isinstance(offset, int) and offset >= self._next_offset:
-            if offset > self._next_offset:
-                # A stream's offsets are consecutive: the entries in between left the log
-                # before this process applied them (see checkpointer.py on retention).
+            if offset > self._next_offset + SKIPPED_PER_SEGMENT:
+                # Offsets skip one at each segment boundary (see amqp_topics.py); more than that
+                # in between were entries that left the log before this process applied them
+                # (see checkpointer.py on retention).
                 logger.error(
                     "the event log goes on at offset %d, not %d: the entries in between are"
                     " past its retention (store.log_max_bytes), and the job store misses them",

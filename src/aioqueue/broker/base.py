@@ -99,6 +99,10 @@ class TopicLog(abc.ABC):
         """Append a message and return its offset, once the broker confirmed it."""
 
     @abc.abstractmethod
+    def lost(self, after: int, first: int) -> bool:
+        """Whether a read from `after` that began at `first` missed messages (retention)."""
+
+    @abc.abstractmethod
     def read(self, after: int) -> AsyncGenerator[TopicEntry, None]:
         """The retained messages with an offset above `after`, in order, for as long as the
         caller reads; from the first retained one if those right after `after` are gone.

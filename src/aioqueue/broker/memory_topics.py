@@ -62,6 +62,9 @@ class MemoryTopics(TopicLog):
             start = 0
         self._start = start
 
+    def lost(self, after: int, first: int) -> bool:
+        return first > after + 1  # offsets are consecutive
+
     async def read(self, after: int) -> AsyncGenerator[TopicEntry, None]:
         while True:
             self._trim(time.time())

@@ -1,11 +1,16 @@
 """Fan-out of job events to websocket connections, without ever waiting on a slow client.
 
 Each connection has a bounded queue of frames and its own writer task; the hub only appends.
-Progress frames of one job coalesce (the newest replaces one still queued), so a client that
-reads slowly sees fewer progress updates, never an older one after a newer one. A connection is
-closed with 1013 ("try again later") when its queue is full anyway, or when one frame has waited
-`SEND_TIMEOUT` seconds for the client to read (its socket buffers are full): the client
-reconnects and resubscribes, and the snapshot it gets then carries everything it missed (G5).
+A frame that would not wait is not queued: when nothing is queued or being written and the
+transport holds no unsent bytes, `send` writes it at once (the kernel takes it now), which
+costs a fan-out a system call per client and not also a task switch and a timer. Frames need
+no compression for that (permessage-deflate, which browsers offer, goes through aiohttp's
+writer). Progress frames of one job coalesce (the newest replaces one still queued), so
+a client that reads slowly sees fewer progress updates, never an older one after a newer one.
+A connection is closed with 1013 ("try again later") when its queue is full anyway, or when one
+frame has waited `SEND_TIMEOUT` seconds for the client to read (its socket buffers are full):
+the client reconnects and resubscribes, and the snapshot it gets then carries everything it
+missed (G5).
 The client's own frames are read only while the queue is less than half full: one that sends
 faster than it reads the replies is slowed down, and only a client that does not read fills it.
 
@@ -20,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import struct
 from collections.abc import Coroutine
 from typing import Any
 
-import orjson
 from aiohttp import WSMessage, WSMsgType, web
 
+from aioqueue import compactjson
 from aioqueue.jobs import Job
 from aioqueue.ratelimit import TokenBucket
 from aioqueue.web.topichub import TopicHub
@@ -39,15 +45,28 @@ CLOSE_SLOW = 1013
 CLOSE_TIMEOUT = 1.0
 #: How long one frame may wait for a client that does not read before it is disconnected.
 SEND_TIMEOUT = 5.0
+#: A frame longer than this is written apart from its header, not copied behind it (aiohttp's).
+COPY_LIMIT = 2**14
+_TEXT = 0x80 | WSMsgType.TEXT  # FIN and the opcode: a whole text frame
+_LENGTH_16 = struct.Struct("!BBH").pack
+_LENGTH_64 = struct.Struct("!BBQ").pack
 
 
 class Connection:
     """One websocket client: its subscriptions and its bounded outgoing queue."""
 
     def __init__(
-        self, ws: web.WebSocketResponse, send_buffer: int, publishes_per_second: int = 100
+        self,
+        ws: web.WebSocketResponse,
+        send_buffer: int,
+        publishes_per_second: int = 100,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         self.ws = ws
+        # Frames are written straight to the transport only when they need no compression
+        # (permessage-deflate keeps a context per connection, in aiohttp's writer).
+        self._transport = None if ws.compress else transport
+        self._writing = False  # the writer task is between taking a frame and having sent it
         self.subscriptions: set[str] = set()
         self.publishes = TokenBucket(publishes_per_second)
         self._limit = send_buffer
@@ -109,6 +128,8 @@ class Connection:
         if coalesce is not None and (slot := self._coalescing.get(coalesce)) is not None:
             slot[0] = frame
             return
+        if not self._queue and self._write_now(frame):
+            return
         if len(self._queue) >= self._limit:
             logger.info("websocket client too slow, %d frames queued: closing", len(self._queue))
             self.close(CLOSE_SLOW, "send buffer full; reconnect and resubscribe")
@@ -121,6 +142,53 @@ class Connection:
             self._room.clear()
         self._wake.set()
 
+    def _write_now(self, frame: bytes) -> bool:
+        """Write `frame` at once if nothing is queued (the caller checks) nor being written and
+        the transport holds no unsent bytes, so the kernel's buffer has room; True if written.
+        A client that does not read fills its kernel buffer, then the transport holds bytes,
+        and from then on every frame goes through the queue and the writer task."""
+        transport = self._transport
+        if transport is None or self._writing or transport.get_write_buffer_size():
+            return False
+        self._write(transport, frame)
+        return True
+
+    def _write(self, transport: asyncio.Transport, frame: bytes) -> None:
+        """One whole text frame, in one or two writes, as aiohttp writes its own (pings, the
+        close frame), so that frames never interleave."""
+        if transport.is_closing() or self.ws.closed:
+            return  # the read loop sees the connection end, and it closes
+        length = len(frame)
+        if length < 126:
+            header = bytes((_TEXT, length))
+        elif length < 65536:
+            header = _LENGTH_16(_TEXT, 126, length)
+        else:
+            header = _LENGTH_64(_TEXT, 127, length)
+        if length > COPY_LIMIT:
+            transport.write(header)
+            transport.write(frame)
+        else:
+            transport.write(header + frame)
+
+    async def _wait_for_room(self, transport: asyncio.Transport) -> None:
+        """Return once the transport holds at most its high-water mark of unsent bytes (at
+        once, the usual case); TimeoutError if that takes SEND_TIMEOUT. The transport tells
+        its protocol (aiohttp's) when it drains, not us: this polls, from 1 ms to 50 ms apart,
+        and only while the client is behind."""
+        high = transport.get_write_buffer_limits()[1]
+        if transport.get_write_buffer_size() <= high:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SEND_TIMEOUT
+        delay = 0.001
+        while transport.get_write_buffer_size() > high and not transport.is_closing():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(2 * delay, 0.05)
+
     async def _write_forever(self) -> None:
         while True:
             while not self._queue:
@@ -132,13 +200,21 @@ class Connection:
             if len(self._queue) < self._pause_at:
                 self._room.set()
             assert isinstance(frame, bytes)
+            self._writing = True  # until it is written: `_write_now` must not overtake it
             try:
-                async with asyncio.timeout(SEND_TIMEOUT):
-                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+                if (transport := self._transport) is not None:
+                    await self._wait_for_room(transport)
+                    self._write(transport, frame)
+                else:  # compressed: aiohttp's writer, which waits for the transport to drain
+                    async with asyncio.timeout(SEND_TIMEOUT):
+                        await self.ws.send_frame(frame, WSMsgType.TEXT)
             except TimeoutError:
                 logger.info("websocket client has not read for %.0f s: closing", SEND_TIMEOUT)
                 self.close(CLOSE_SLOW, "not reading; reconnect and resubscribe")
                 return
+            finally:
+                self._writing = False
+            del frame  # sent: not kept while the connection waits for the next one
 
     def close(self, code: int, message: str) -> None:
         """Stop writing and close the websocket in the background (`wait_closed`)."""
@@ -248,4 +324,5 @@ class Hub:
 
 
 def job_frame(channel: str, event: str, job: Job) -> bytes:
-    return orjson.dumps({"type": "job", "channel": channel, "event": event, "job": job.to_dict()})
+    frame = {"type": "job", "channel": channel, "event": event, "job": job.to_dict()}
+    return compactjson.dumps(frame)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from aioqueue import compactjson
 from aioqueue.broker.base import TopicLog
 from aioqueue.errors import BrokerUnavailable
 from aioqueue.topics import Matcher, compile_pattern
@@ -57,7 +58,7 @@ class TopicChannel:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.name_json = orjson.dumps(name)
+        self.name_json = compactjson.dumps(name)
         self.matcher: Matcher = compile_pattern(name.removeprefix("topic:"))
         self.subs: dict[Connection, TopicSub] = {}
 
@@ -138,11 +139,12 @@ class TopicHub:
         while True:
             try:
                 async with contextlib.aclosing(log.read(sub.after)) as entries:
-                    expected = sub.after + 1
+                    first = True
                     async for offset, topic, data in entries:
-                        if offset > expected:
-                            conn.send(offset_expired(channel.name, expected - 1, offset))
-                        expected = offset + 1
+                        # (since -1 asks for whatever is retained: nothing is lost to it)
+                        if first and sub.after >= 0 and log.lost(sub.after, offset):
+                            conn.send(offset_expired(channel.name, sub.after, offset))
+                        first = False
                         if topic is not None and channel.matcher.matches(topic):
                             await conn.room()
                             conn.send(channel.frame(topic, offset, data))
@@ -158,7 +160,7 @@ class TopicHub:
 
 def offset_expired(channel: str, since: int, first: int) -> bytes:
     code: ErrorCode = "offset_expired"
-    return orjson.dumps(
+    return compactjson.dumps(
         {
             "type": "error",
             "code": code,
