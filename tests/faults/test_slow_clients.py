@@ -204,13 +204,18 @@ async def test_topic_subscribers_that_do_not_read_are_closed_and_a_reader_gets_e
     that never read are closed and their sockets released, while a client that reads gets
     every message once, in order."""
     await wait_ready(http, server.url)
+    # Ten connections at most: the socket counts must not hinge on keep-alive connections.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=10)) as publisher:
+        await slow_topic_clients_beside_a_reader(server, http, publisher)
+
+
+async def slow_topic_clients_beside_a_reader(
+    server: ServeProcess, http: aiohttp.ClientSession, publisher: aiohttp.ClientSession
+) -> None:
     assert server.proc is not None
     process = psutil.Process(server.proc.pid)
     host, port = server.url.removeprefix("http://").split(":")
     published: list[int] = []
-
-    # Ten connections at most: the socket counts must not hinge on keep-alive connections.
-    publisher = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=10))
 
     async def publish(n: int) -> None:
         body = orjson.dumps({"n": n, "pad": "x" * 500})
@@ -243,7 +248,6 @@ async def test_topic_subscribers_that_do_not_read_are_closed_and_a_reader_gets_e
             frame = await reader.receive_json(timeout=5)
             if frame["type"] == "message":
                 got.append(frame["offset"])
-    await publisher.close()
     released_at, after = await released
     sockets = live + catching_up
     closed = sum(await asyncio.gather(*(asyncio.to_thread(closed_by_server, s) for s in sockets)))

@@ -116,6 +116,9 @@ class Connection:
         finally:
             self._idle = False
 
+    def has_room(self) -> bool:
+        return self._room.is_set()
+
     async def room(self) -> None:
         """Wait until the queue is less than half full: a sender that can wait (a topic
         catch-up) is paced by the client instead of filling the queue."""

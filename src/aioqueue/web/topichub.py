@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 ROUTES_KEPT = 10_000
 #: Seconds between tries of a catch-up that lost the broker.
 RETRY_DELAY = 0.5
+#: Seconds a catch-up keeps its slot while its client has no room; then it gives it back.
+HOLD_ROOM = 0.2
 
 
 class TopicSub:
@@ -131,10 +133,18 @@ class TopicHub:
                     sub.conn.send(frame)
 
     async def _catch_up(self, channel: TopicChannel, sub: TopicSub, log: TopicLog) -> None:
-        async with self._catch_ups:
-            await self._replay(channel, sub, log)
+        """Replay until live, holding one of the catch-up slots only while the client keeps up:
+        one that stops reading gives its slot (and its read-ahead) back within `HOLD_ROOM`
+        seconds, so that clients that do not read never keep the others waiting."""
+        while True:
+            await sub.conn.room()
+            async with self._catch_ups:
+                if await self._replay(channel, sub, log):
+                    return
 
-    async def _replay(self, channel: TopicChannel, sub: TopicSub, log: TopicLog) -> None:
+    async def _replay(self, channel: TopicChannel, sub: TopicSub, log: TopicLog) -> bool:
+        """Send the retained messages after `sub.after`; True once the subscription is live,
+        False when the client has had no room for `HOLD_ROOM` seconds."""
         conn = sub.conn
         while True:
             try:
@@ -146,16 +156,29 @@ class TopicHub:
                             conn.send(offset_expired(channel.name, sub.after, offset))
                         first = False
                         if topic is not None and channel.matcher.matches(topic):
-                            await conn.room()
+                            if not await _room_within(conn, HOLD_ROOM):
+                                return False  # read again from sub.after, with room
                             conn.send(channel.frame(topic, offset, data))
                         sub.after = offset
                         position = log.position
                         if position is not None and offset >= position - 1:
                             sub.live = True
-                            return
+                            return True
             except BrokerUnavailable as exc:
                 logger.info("topic catch-up from offset %d: %s; trying again", sub.after, exc)
                 await asyncio.sleep(RETRY_DELAY)
+
+
+async def _room_within(conn: Connection, seconds: float) -> bool:
+    """Whether the connection's queue has room, or gets it within `seconds`."""
+    if conn.has_room():
+        return True
+    try:
+        async with asyncio.timeout(seconds):
+            await conn.room()
+    except TimeoutError:
+        return False
+    return True
 
 
 def offset_expired(channel: str, since: int, first: int) -> bytes:
