@@ -46,10 +46,10 @@ from bench.common import (  # noqa: E402
     fresh_prefix,
     loop_name,
     machine,
+    on_rabbitmq,
     print_table,
     redact,
     revision,
-    run,
 )
 from bench.e2e import QUEUES, Server, wait_ready  # noqa: E402
 from bench.wsclient import WsClient  # noqa: E402
@@ -293,18 +293,7 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.n, args.batch, args.size, args.rounds) < 1:
         parser.error("-n, --batch, --size and --rounds must be at least 1")
-    if args.url:
-        run(bench(args, args.url, None))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(args, node.url, node.pid))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, pid: bench(args, url, pid))
 
 
 if __name__ == "__main__":

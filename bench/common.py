@@ -14,7 +14,8 @@ import platform
 import secrets
 import statistics
 import subprocess
-from collections.abc import Coroutine, Sequence
+import tempfile
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -194,6 +195,25 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def on_rabbitmq(
+    url: str | None, bench: Callable[[str, int | None], Coroutine[Any, Any, Any]]
+) -> None:
+    """Run `bench(url, pid)` on the RabbitMQ at `url`, or, with none, on a private node started
+    for it (`tests/rabbitmq.py`; its pid is known then, else None) and stopped after."""
+    if url:
+        run(bench(url, None))
+        return
+    from tests.rabbitmq import RabbitNode
+
+    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
+        print("starting a private RabbitMQ node ...", flush=True)
+        node = RabbitNode(Path(base)).start()
+        try:
+            run(bench(node.url, node.pid))
+        finally:
+            node.stop()
 
 
 def revision() -> str:

@@ -50,10 +50,10 @@ from bench.common import (  # noqa: E402
     fresh_prefix,
     loop_name,
     machine,
+    on_rabbitmq,
     percentile,
     redact,
     revision,
-    run,
 )
 
 APP = "bench.apps:app"
@@ -507,18 +507,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 1 or args.c < 1 or args.prefetch < 1:
         parser.error("-n, -c and --prefetch must be at least 1")
-    if args.url:
-        run(bench(args, args.url, None))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(args, node.url, node.pid))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, pid: bench(args, url, pid))
 
 
 if __name__ == "__main__":

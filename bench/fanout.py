@@ -53,6 +53,7 @@ from bench.common import (  # noqa: E402
     fresh_prefix,
     loop_name,
     machine,
+    on_rabbitmq,
     percentile,
     print_table,
     redact,
@@ -416,18 +417,7 @@ def main() -> None:
         return
     if min(args.w, args.m, args.c) < 1 or args.warmup < 0:
         parser.error("-w, -m and -c must be at least 1, --warmup at least 0")
-    if args.url:
-        run(bench(args, args.url, None))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(args, node.url, node.pid))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, pid: bench(args, url, pid))
 
 
 if __name__ == "__main__":

@@ -40,10 +40,10 @@ from bench.common import (  # noqa: E402
     fresh_prefix,
     loop_name,
     machine,
+    on_rabbitmq,
     print_table,
     redact,
     revision,
-    run,
 )
 from bench.e2e import QUEUES, Server, wait_ready  # noqa: E402
 from bench.wsclient import WsClient  # noqa: E402
@@ -269,18 +269,7 @@ def main() -> None:
     if steps[0] < 1:
         parser.error("-n and --steps must be at least 1")
     steps = [s for s in steps if s <= args.n]
-    if args.url:
-        run(bench(args, args.url, steps))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(args, node.url, steps))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, _: bench(args, url, steps))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,7 @@ from bench.common import (  # noqa: E402
     fresh_prefix,
     loop_name,
     machine,
+    on_rabbitmq,
     redact,
     revision,
     run,
@@ -272,18 +273,7 @@ def main() -> None:
         prefix, folder = args.measure
         print(json.dumps(run(measure_start(args.url, prefix, Path(folder), args.checkpoint))))
         return
-    if args.url:
-        run(bench(args.url, args.n, args.pending, args.batch))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(node.url, args.n, args.pending, args.batch))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, _: bench(url, args.n, args.pending, args.batch))
 
 
 if __name__ == "__main__":

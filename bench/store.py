@@ -38,10 +38,10 @@ from bench.common import (  # noqa: E402
     delete_topology,
     fresh_prefix,
     machine,
+    on_rabbitmq,
     percentile,
     redact,
     revision,
-    run,
 )
 
 TASKS = ("resize", "email", "report")
@@ -192,18 +192,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.n < 2000:
         parser.error("-n must be at least 2000")
-    if args.url:
-        run(bench(args.url, args.n))
-        return
-    from tests.rabbitmq import RabbitNode
-
-    with tempfile.TemporaryDirectory(prefix="aioqueue-bench-rabbit-") as base:
-        print("starting a private RabbitMQ node ...", flush=True)
-        node = RabbitNode(Path(base)).start()
-        try:
-            run(bench(node.url, args.n))
-        finally:
-            node.stop()
+    on_rabbitmq(args.url, lambda url, _: bench(url, args.n))
 
 
 if __name__ == "__main__":
