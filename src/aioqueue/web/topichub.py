@@ -12,6 +12,8 @@ with the live reader's `position`. Once it reached the message before `position`
 message is one the live reader has yet to hand on: the subscription goes live, in the same step,
 with no await in between, so nothing falls between the two. The live side skips what the
 catch-up sent already (offsets up to `after`): no gap, no duplicate, under any publishing rate.
+At most `topics.max_catch_ups` catch-ups read at once; one whose client has had no room for
+`HOLD_ROOM` seconds gives its turn back and reads again from where it was once it has room.
 """
 
 from __future__ import annotations
