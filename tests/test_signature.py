@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal, Optional, TypedDict
 
 import pytest
@@ -337,3 +338,20 @@ def test_describe_is_exact_for_every_kind_of_parameter() -> None:
         {"name": "extra", "type": "dict[str, float] | None", "required": False, "default": None},
         {"name": "**tags", "type": "str", "required": False, "default": None},
     ]
+
+
+def test_checking_stops_after_fifty_errors() -> None:
+    """A body of 500,000 ill-typed items gets 50 errors, at once, not a document of 500,000."""
+
+    def fn(xs: list[int]) -> None: ...
+
+    started = time.perf_counter()
+    with pytest.raises(InvalidRequest) as raised:
+        Signature.of(fn).bind({"xs": ["a"] * 500_000})
+    assert time.perf_counter() - started < 0.5
+    assert len(raised.value.errors) == 50
+    assert raised.value.errors[0].to_dict() == {
+        "field": "args.xs[0]",
+        "message": "expected an integer, got a string",
+    }
+    assert "stopped after the first 50 errors" in raised.value.detail

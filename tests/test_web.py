@@ -164,6 +164,8 @@ async def test_every_bad_field_is_reported_at_once(client: Client) -> None:
         pytest.param("/v1/jobs/unknown", 404, id="unknown-job"),
         pytest.param("/v1/jobs/x?wait=abc", 400, id="wait-not-a-number"),
         pytest.param("/v1/jobs/x?wait=-1", 400, id="wait-negative"),
+        pytest.param("/v1/jobs/x?wait=1_0", 400, id="wait-underscore"),
+        pytest.param("/v1/jobs/x?wait=\u0661", 400, id="wait-arabic-indic-digit"),
         pytest.param("/v1/jobs?limit=0", 400, id="limit-0"),
         pytest.param("/v1/jobs?limit=1001", 400, id="limit-too-big"),
         pytest.param("/v1/jobs?limit=x", 400, id="limit-nan"),
@@ -512,3 +514,21 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_one_that_answers_
     assert len(state.connections) == 1
     await alive.close()
     await reader
+
+
+async def test_the_server_header_names_no_versions(client: Client) -> None:
+    for path in ("/healthz", "/v1/jobs/unknown", "/openapi.json"):
+        response = await client.get(path)
+        assert response.headers["Server"] == "aioqueue", path
+
+
+async def test_a_websocket_submit_says_whether_it_created_the_job(job_client: Client) -> None:
+    """As HTTP's 202 and 200: a repeated idempotency key answers the first job, created false."""
+    body = {"task": "add", "args": [1, 2], "idempotency_key": "ws-order-7"}
+    async with job_client.ws_connect("/v1/ws") as ws:
+        replies = []
+        for _ in range(2):
+            await ws.send_str(orjson.dumps({"op": "submit", "job": body}).decode())
+            replies.append(await receive(ws))
+    assert [r["created"] for r in replies] == [True, False]
+    assert replies[0]["job"]["id"] == replies[1]["job"]["id"]

@@ -28,7 +28,13 @@ def create_app(registry: Registry, settings: Settings) -> web.Application:
         client_max_size=settings.http.max_body_bytes, middlewares=[problem_middleware]
     )
     install(web_app, registry, settings)
+    web_app.on_response_prepare.append(_server_header)
     return web_app
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    # Not aiohttp's "Python/3.11 aiohttp/3.x": versions tell a prober what to try.
+    response.headers["Server"] = "aioqueue"
 
 
 def install(

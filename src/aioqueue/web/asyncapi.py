@@ -129,7 +129,14 @@ OPS_DESCRIBED: dict[str, Op] = {
         required=("job",),
         reply="submitted",
         reply_summary="Accepted: the broker confirmed the job",
-        reply_fields={"job": _JOB},
+        reply_fields={
+            "job": _JOB,
+            "created": {
+                "type": "boolean",
+                "description": "false for a repeated `idempotency_key`: the job is the first"
+                " one submitted with it (HTTP answers 200 for it, not 202)",
+            },
+        },
         example=None,  # the body names one of the served app's tasks
     ),
     "publish": Op(

@@ -102,8 +102,9 @@ async def get_job(request: web.Request) -> web.StreamResponse:
 
 
 def _wait_seconds(raw: str) -> float:
+    # float() also reads "1_0" and digits of other scripts; `limit` takes neither (`_limit`).
     try:
-        seconds = float(raw)
+        seconds = float(raw) if raw.isascii() and "_" not in raw else math.nan
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds < 0:

@@ -218,7 +218,7 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
         raise FrameError("invalid_job", "'job' must be an object: the submit body")
     jobs = state.jobs()
     try:
-        job = await jobs.submit(body)
+        job, created = await jobs.submit_once(body)
     except InvalidRequest as exc:
         errors = [error.to_dict() for error in exc.errors]
         raise FrameError("invalid_job", exc.detail, errors=errors) from None
@@ -226,7 +226,8 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
         raise FrameError("not_found", exc.detail) from None
     except Conflict as exc:
         raise FrameError("conflict", exc.detail) from None
-    return [{"type": "submitted", "job": job.to_dict()}]
+    # `created`: False for a repeated idempotency key, whose first job this is (HTTP's 200).
+    return [{"type": "submitted", "job": job.to_dict(), "created": created}]
 
 
 async def _ping(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
