@@ -214,3 +214,33 @@ async def test_check_fails_clearly_on_an_unreachable_broker() -> None:
     }
     done = await run_cli("check", env=env)
     assert done.returncode == 1 and "FAILED" in done.stderr
+
+
+MALFORMED = [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: a\x00b\r\n\r\n",
+    b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("broker_url", ["memory"], indirect=True)
+async def test_malformed_requests_cannot_flood_the_log(
+    serve: StartServe, http: aiohttp.ClientSession
+) -> None:
+    """Each gets its 400; the log gets one WARNING line a minute about them, no traceback (it
+    was an ERROR with a traceback, about 1 KB, per request)."""
+    server = serve()
+    await wait_ready(http, server.url)
+    host, port = server.url.removeprefix("http://").split(":")
+    for request in MALFORMED * 20:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.read(100), 5)
+        assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+        writer.close()
+        await writer.wait_closed()
+    async with http.get(server.url + "/healthz") as response:
+        assert response.status == 200
+    log = server.log()
+    assert "Traceback" not in log and "ERROR" not in log
+    assert log.count("malformed HTTP request") == 1
