@@ -532,3 +532,13 @@ async def test_a_websocket_submit_says_whether_it_created_the_job(job_client: Cl
             replies.append(await receive(ws))
     assert [r["created"] for r in replies] == [True, False]
     assert replies[0]["job"]["id"] == replies[1]["job"]["id"]
+
+
+async def test_a_frame_id_comes_back_exactly_or_is_refused(client: Client) -> None:
+    async with client.ws_connect("/v1/ws") as ws:
+        for raw, echoed in [("9007199254740993", 9007199254740993), ('"x"', "x"), ("[1]", [1])]:
+            await ws.send_str('{"op": "ping", "id": ' + raw + "}")
+            assert await receive(ws) == {"type": "pong", "id": echoed}
+        await ws.send_str('{"op": "ping", "id": 18446744073709551616}')  # read as a float
+        refused = await receive(ws)
+        assert refused["code"] == "bad_frame" and "id" not in refused

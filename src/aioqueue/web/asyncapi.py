@@ -52,7 +52,11 @@ server shuts down. A browser page from another origin than the server's own, `lo
 `ws.allowed_origins` is refused at the handshake (403)."""
 
 #: An op's `id`, and its echo in the reply.
-ID = {"description": "optional, any JSON value (null counts as none): the reply carries it back"}
+ID = {
+    "description": "optional, any JSON value (null counts as none): the reply carries it back;"
+    " a number of 2^53 or more that is not an integer below 2^64 is refused (it would not come"
+    " back the same): send such an id as a string"
+}
 ECHOED_ID = {"description": "the `id` of the op this answers, if it had one"}
 
 

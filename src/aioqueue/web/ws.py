@@ -126,6 +126,10 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         if not isinstance(frame, dict):
             raise FrameError("bad_frame", "a frame is a JSON object with an 'op'")
         frame_id = frame.get("id")
+        if isinstance(frame_id, float) and abs(frame_id) >= 2**53:
+            # An integer past 2^64 is read as a float: it would come back changed.
+            frame_id = None
+            raise FrameError("bad_frame", "'id' is too large a number to come back exactly")
         op = frame.get("op")
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
