@@ -18,9 +18,12 @@ def test_compose_runs_aioqueue_against_the_rabbitmq_service() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert "version" not in compose  # obsolete in the Compose specification
     rabbit, app = compose["services"]["rabbitmq"], compose["services"]["aioqueue"]
+    # Published on this machine only: fixed credentials, and auth "none" by default.
+    published = [port for service in (rabbit, app) for port in service["ports"]]
+    assert published and all(port.startswith("127.0.0.1:") for port in published)
     assert rabbit["image"].startswith("rabbitmq:") and "management" in rabbit["image"]
     assert "rabbitmq-diagnostics" in rabbit["healthcheck"]["test"]
-    assert {"5672:5672", "15672:15672"} <= set(rabbit["ports"])
+    assert {"127.0.0.1:5672:5672", "127.0.0.1:15672:15672"} <= set(rabbit["ports"])
     assert any(v.endswith(":/var/lib/rabbitmq") for v in rabbit["volumes"])
     url = urlsplit(app["environment"]["AIOQUEUE_BROKER__URL"])
     env = rabbit["environment"]
@@ -33,7 +36,7 @@ def test_compose_runs_aioqueue_against_the_rabbitmq_service() -> None:
     assert url.username != "guest"
     assert app["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     assert app["environment"]["AIOQUEUE_HTTP__HOST"] == "0.0.0.0"
-    assert "8080:8080" in app["ports"] and app["build"] == "."
+    assert "127.0.0.1:8080:8080" in app["ports"] and app["build"] == "."
     assert app["restart"] == "unless-stopped"
     # The job store outlives the container, where the image keeps it (below).
     assert (
