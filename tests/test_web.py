@@ -44,6 +44,10 @@ def make_app() -> App:
     async def broken() -> None:
         raise ValueError("nope")
 
+    @app.task(max_attempts=1)
+    async def shout(text: str) -> None:
+        raise ValueError(text)
+
     return app
 
 
@@ -56,7 +60,7 @@ def serve(
     async def start(broker_url: str) -> Client:
         settings = Settings(
             broker=BrokerSettings(url=broker_url, prefix=prefix, confirm_timeout=3.0),
-            jobs=JobsSettings(shutdown_grace=0.2),
+            jobs=JobsSettings(shutdown_grace=0.2, max_args_bytes=1024, max_error_bytes=256),
             http=HttpSettings(max_body_bytes=4096, body_timeout=0.5),
             ws=WsSettings(
                 max_subscriptions=3, max_frame_bytes=2048, allowed_origins=("https://app.example",)
@@ -542,3 +546,28 @@ async def test_a_frame_id_comes_back_exactly_or_is_refused(client: Client) -> No
         await ws.send_str('{"op": "ping", "id": 18446744073709551616}')  # read as a float
         refused = await receive(ws)
         assert refused["code"] == "bad_frame" and "id" not in refused
+
+
+async def test_args_over_the_limit_are_a_413_and_leave_no_job(job_client: Client) -> None:
+    before = job_count(job_client)
+    body = orjson.dumps({"task": "add", "args": {"a": 1, "b": 2, "c": "x" * 1100}})
+    response = await job_client.post("/v1/jobs", data=body, headers=JSON)
+    assert response.status == 400  # an unknown argument: the args are checked first
+    body = orjson.dumps({"task": "shout", "args": {"text": "x" * 1100}})
+    response = await job_client.post("/v1/jobs", data=body, headers=JSON)
+    assert response.status == 413, await response.text()
+    assert "jobs.max_args_bytes" in (await response.json())["detail"]
+    async with job_client.ws_connect("/v1/ws") as ws:
+        await ws.send_str(orjson.dumps({"op": "submit", "job": orjson.loads(body)}).decode())
+        assert (await receive(ws))["code"] == "too_large"
+    assert job_count(job_client) == before
+
+
+async def test_an_error_is_kept_cut_to_the_limit(job_client: Client) -> None:
+    job = await submit(job_client, {"task": "shout", "args": {"text": "y" * 1000}})
+    done = await (await job_client.get(f"/v1/jobs/{job['id']}?wait=10")).json()
+    error = done["error"]
+    assert done["status"] == "failed" and error["type"] == "ValueError"
+    assert error["message"] == "y" * 256 + " [... 744 characters cut]"
+    assert error["traceback"].startswith("[...") and len(error["traceback"]) < 256 + 40
+    assert error["traceback"].endswith("y" * 50 + "\n")

@@ -136,6 +136,8 @@ class JobsSettings:
     retry_backoff_max: float = _float(300.0, 0)  # and >= retry_backoff, checked by load()
     result_ttl: int = _int(86400, 1)  # seconds
     shutdown_grace: float = _float(30.0, 0)
+    max_args_bytes: int = _int(262144, 64)  # a job's args as JSON; larger: 413 / `too_large`
+    max_error_bytes: int = _int(16384, 256)  # an error's message, and its traceback, cut to this
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,12 +87,28 @@ class _Hooks:
         return await self._publish(topic, data)
 
 
-def error_record(exc: BaseException, message: str | None = None) -> dict[str, Any]:
+def error_record(
+    exc: BaseException, message: str | None = None, limit: int = 16384
+) -> dict[str, Any]:
+    """The error of a failed attempt, its message and traceback cut to `limit` characters each
+    (`jobs.max_error_bytes`): a message may repeat a caller's args, and is kept for result_ttl."""
     return {
         "type": type(exc).__name__,
-        "message": message or str(exc),
-        "traceback": "".join(traceback.format_exception(exc)),
+        "message": _cut(message or str(exc), limit, keep="start"),
+        "traceback": _cut("".join(traceback.format_exception(exc)), limit, keep="end"),
     }
+
+
+def _cut(text: str, limit: int, keep: str) -> str:
+    """`text` if it fits, else its start (or end: a traceback's last frames and its exception)
+    with a marker of what was cut."""
+    if len(text) <= limit:
+        return text
+    cut = len(text) - limit
+    marker = f" [... {cut} characters cut]"
+    if keep == "start":
+        return text[:limit] + marker
+    return marker.strip() + "\n" + text[-limit:]
 
 
 class Runner:
@@ -292,10 +308,10 @@ class Runner:
             _check_json(result)
         except (asyncio.CancelledError, BrokerUnavailable):
             raise
-        except TimeoutError as exc:
-            await self._failed(task, spec, body, error_record(exc, _timeout_message(exc, spec)))
         except Exception as exc:
-            await self._failed(task, spec, body, error_record(exc))
+            message = _timeout_message(exc, spec) if isinstance(exc, TimeoutError) else None
+            error = error_record(exc, message, self._defaults.max_error_bytes)
+            await self._failed(task, spec, body, error)
         else:
             await self._log.append(Succeeded(job_id, attempt, result))
         finally:

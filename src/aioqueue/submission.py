@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from aioqueue.config import JobsSettings
-from aioqueue.errors import FieldError, InvalidRequest, NotFound
+from aioqueue.errors import FieldError, InvalidRequest, NotFound, PayloadTooLarge
 from aioqueue.events import JobSpec
 from aioqueue.tasks import PRIORITIES, Task
 
@@ -87,6 +87,13 @@ def build_spec(
         errors += exc.errors
     if errors:
         raise InvalidRequest(f"the job for task {name!r} is invalid", errors)
+    size = len(orjson.dumps(args))
+    if size > defaults.max_args_bytes:
+        # Kept with the job for result_ttl after it finished, in every process.
+        raise PayloadTooLarge(
+            f"the job's args are {size} bytes as JSON; at most {defaults.max_args_bytes}"
+            " (jobs.max_args_bytes)"
+        )
     fingerprint = None
     if key is not None:
         # What "the same body" means for a repeated key: the request, less the key itself.

@@ -118,8 +118,8 @@ ERRORS: dict[str, dict[str, Any]] = {
     "408": _problem("the body did not arrive within `http.body_timeout`"),
     "409": _problem("the job is in the wrong state, or an idempotency key was reused"),
     "413": _problem(
-        "the body is larger than `http.max_body_bytes` (a message to a topic: larger than"
-        " `topics.max_message_bytes`)"
+        "the body is larger than `http.max_body_bytes`; a job's args, larger than"
+        " `jobs.max_args_bytes`; a message to a topic, larger than `topics.max_message_bytes`"
     ),
     "415": _problem("the body is not declared as JSON"),
     "429": _problem("the queue is full (`broker.max_queue_length`); not accepted", True),

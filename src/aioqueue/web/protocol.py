@@ -41,7 +41,8 @@ ERRORS: dict[ErrorCode, str] = {
     "queue_full": "the submit's queue is at `broker.max_queue_length`: not accepted, try later"
     " (HTTP's 429)",
     "unavailable": "the broker is unreachable, or the service is starting or stopping (HTTP's 503)",
-    "too_large": "a published message over `topics.max_message_bytes` as JSON (HTTP's 413)",
+    "too_large": "a published message over `topics.max_message_bytes`, or a submit's args"
+    " over `jobs.max_args_bytes`, as JSON (HTTP's 413)",
     "rate_limited": "over `ws.max_publishes_per_second` on this connection; `retry_after` says"
     " in how many seconds there is room (HTTP's 429)",
     "offset_expired": "(not a refusal) the messages right after `since` are past the retention:"

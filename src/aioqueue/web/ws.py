@@ -230,6 +230,8 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
         raise FrameError("not_found", exc.detail) from None
     except Conflict as exc:
         raise FrameError("conflict", exc.detail) from None
+    except PayloadTooLarge as exc:
+        raise FrameError("too_large", exc.detail) from None
     # `created`: False for a repeated idempotency key, whose first job this is (HTTP's 200).
     return [{"type": "submitted", "job": job.to_dict(), "created": created}]
 
