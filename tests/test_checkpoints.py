@@ -75,13 +75,17 @@ async def make_service(
     started: list[Service] = []
 
     async def make(
-        folder: str, app: Any = None, broker: dict[str, Any] | None = None, **store: Any
+        folder: str,
+        app: Any = None,
+        broker: dict[str, Any] | None = None,
+        jobs: dict[str, Any] | None = None,
+        **store: Any,
     ) -> Service:
         settings = Settings(
             broker=BrokerSettings(
                 url=amqp_url, prefix=prefix, confirm_timeout=3.0, **(broker or {})
             ),
-            jobs=dataclasses.replace(JobsSettings(), result_ttl=3600),
+            jobs=dataclasses.replace(JobsSettings(), result_ttl=3600, **(jobs or {})),
             store=dataclasses.replace(StoreSettings(dir=str(tmp_path / folder)), **store),
         )
         service = Service(app or make_app([]), settings)
@@ -243,7 +247,8 @@ async def test_a_store_older_than_the_log_retention_says_what_it_misses(
     first = await make_service("host-a", app, log_max_bytes=2**20)
     await first.jobs.submit({"task": "add", "args": [1], "delay": THIRTY_DAYS})
     await first.close()
-    other = await make_service("host-b", app, log_max_bytes=2**20)
+    big = {"max_args_bytes": 2**21}  # 1 MB args: the log fills fast
+    other = await make_service("host-b", app, jobs=big, log_max_bytes=2**20)
     for _ in range(24):  # 24 MB: three segments of the log, of which retention keeps 1 MiB
         await other.jobs.submit({"task": "keep", "args": ["x" * 2**20], "delay": THIRTY_DAYS})
     await other.close()
