@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import string
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aioqueue.errors import AioqueueError, InvalidRequest, PayloadTooLarge, TaskDefinitionError
-from aioqueue.topics import check_topic
+from aioqueue.errors import AioqueueError, PayloadTooLarge
 
 if TYPE_CHECKING:
     from aioqueue.jobs import Job
@@ -37,49 +35,6 @@ logger = logging.getLogger(__name__)
 
 #: Publishes of job events in flight at most; beyond it they are dropped (and counted).
 MAX_IN_FLIGHT = 1000
-#: The longest job event name, as a topic's last word.
-LONGEST_EVENT = "cancelled"
-
-
-class TopicTemplate:
-    """`albums.{album}.thumbnails`: a topic name with `{argument}` words."""
-
-    def __init__(self, template: str, task: str) -> None:
-        self.template = template
-        self.fields: list[str] = []
-        for _, name, spec, conversion in string.Formatter().parse(template):
-            if name is None:
-                continue
-            if not name.isidentifier() or spec or conversion:
-                raise TaskDefinitionError(
-                    f"task {task!r}: topic {template!r}: {{{name}}} must name an argument,"
-                    " as {album}"
-                )
-            self.fields.append(name)
-        try:
-            check_topic(self._fill(dict.fromkeys(self.fields, "x")) + "." + LONGEST_EVENT)
-        except InvalidRequest as exc:
-            raise TaskDefinitionError(f"task {task!r}: topic {template!r}: {exc.detail}") from None
-
-    def _fill(self, values: Mapping[str, str]) -> str:
-        return self.template.format_map(values)
-
-    def render(self, args: Any, event: str) -> str | None:
-        """The topic of `event` of a job with `args`; None if the args do not make one."""
-        if not isinstance(args, dict):
-            args = {}
-        values = {}
-        for name in self.fields:
-            value = args.get(name)
-            if isinstance(value, bool) or not isinstance(value, str | int):
-                return None
-            values[name] = str(value)
-        topic = f"{self._fill(values)}.{event}"
-        try:
-            check_topic(topic)
-        except InvalidRequest:
-            return None
-        return topic
 
 
 class JobEvents:

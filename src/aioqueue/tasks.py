@@ -9,8 +9,8 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import TaskDefinitionError
-from aioqueue.jobtopics import TopicTemplate
 from aioqueue.signature import Signature
+from aioqueue.topics import TopicTemplate
 
 P = ParamSpec("P")
 R = TypeVar("R")

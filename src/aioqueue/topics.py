@@ -20,15 +20,17 @@ words; the empty string is zero words, not one empty word, so `*` does not match
 does. `*` matches one word, `#` zero or more, any other word itself only (a `*` or `#` in a
 routing key is a plain word). Matching is on the words only: nothing is case-folded.
 
-No I/O here.
+`TopicTemplate` is a task's topic with `{argument}` words (see jobtopics.py). No I/O here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+import string
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from aioqueue.errors import FieldError, InvalidRequest
+from aioqueue.errors import FieldError, InvalidRequest, TaskDefinitionError
 
 #: A routing key is an AMQP short string: at most 255 bytes. A longer topic could never be
 #: published through RabbitMQ, so the contract caps names (and patterns) there.
@@ -194,3 +196,48 @@ def compile_pattern(pattern: str) -> Matcher:
 def matches(pattern: str, topic: str) -> bool:
     """Whether RabbitMQ routes `topic` to `pattern`: for one-off checks; compile to repeat."""
     return Matcher(pattern).matches(topic)
+
+
+#: The longest job event name: the last word of a task's topic (see jobtopics.py).
+_LONGEST_EVENT = "cancelled"
+
+
+class TopicTemplate:
+    """`albums.{album}.thumbnails`: a topic name with `{argument}` words."""
+
+    def __init__(self, template: str, task: str) -> None:
+        self.template = template
+        self.fields: list[str] = []
+        for _, name, spec, conversion in string.Formatter().parse(template):
+            if name is None:
+                continue
+            if not name.isidentifier() or spec or conversion:
+                raise TaskDefinitionError(
+                    f"task {task!r}: topic {template!r}: {{{name}}} must name an argument,"
+                    " as {album}"
+                )
+            self.fields.append(name)
+        try:
+            check_topic(self._fill(dict.fromkeys(self.fields, "x")) + "." + _LONGEST_EVENT)
+        except InvalidRequest as exc:
+            raise TaskDefinitionError(f"task {task!r}: topic {template!r}: {exc.detail}") from None
+
+    def _fill(self, values: Mapping[str, str]) -> str:
+        return self.template.format_map(values)
+
+    def render(self, args: Any, event: str) -> str | None:
+        """The topic of `event` of a job with `args`; None if the args do not make one."""
+        if not isinstance(args, dict):
+            args = {}
+        values = {}
+        for name in self.fields:
+            value = args.get(name)
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                return None
+            values[name] = str(value)
+        topic = f"{self._fill(values)}.{event}"
+        try:
+            check_topic(topic)
+        except InvalidRequest:
+            return None
+        return topic

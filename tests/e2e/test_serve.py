@@ -130,7 +130,7 @@ async def run_cli(
     )
 
 
-#: How long a busy client leaves the server's close frame unread: well within hub.CLOSE_TIMEOUT.
+#: How long a busy client leaves the server's close frame unread: well within connection.CLOSE_TIMEOUT.
 BUSY = 0.3
 CLOSED_TYPES = {aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR}
 

@@ -23,7 +23,7 @@ import orjson
 import psutil
 import pytest
 
-from aioqueue.web.hub import CLOSE_TIMEOUT, SEND_TIMEOUT
+from aioqueue.web.connection import CLOSE_TIMEOUT, SEND_TIMEOUT
 from tests.support import JSON, ServeProcess, submit, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -24,7 +24,7 @@ import itertools
 import logging
 import secrets
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection
@@ -35,8 +35,22 @@ from aioqueue.broker.base import TopicEntry, TopicHandler, TopicLog
 from aioqueue.config import BrokerSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable
 
-if TYPE_CHECKING:
-    from aioqueue.broker.amqp import StreamCredit, _Session
+
+class Session(Protocol):
+    """What the live reader needs of AmqpBroker's session: whether it ended, and ending it."""
+
+    lost: asyncio.Event
+
+    def end(self, why: str) -> None: ...
+
+
+class Credit(Protocol):
+    """The acks of a stream consumer (AmqpBroker's `StreamCredit`)."""
+
+    def delivered(self, message: DeliveredMessage) -> None: ...
+
+    def cancel(self) -> None: ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +78,7 @@ class AmqpTopics(TopicLog):
         self._me = secrets.token_hex(6)
         self._marks = itertools.count()
         self._waiters: dict[str, asyncio.Future[int]] = {}
-        self._credit: StreamCredit | None = None
+        self._credit: Credit | None = None
         self._catch_up: AbstractConnection | None = None
         self._catch_up_lock = asyncio.Lock()
         self._closing: set[asyncio.Future[Any]] = set()
@@ -98,7 +112,7 @@ class AmqpTopics(TopicLog):
         assert self._next is not None
         return self._next
 
-    async def attach(self, session: _Session, channel: RawChannel, credit: StreamCredit) -> None:
+    async def attach(self, session: Session, channel: RawChannel, credit: Credit) -> None:
         """Start the live reader on a consumer channel of a new session, then probe the tail."""
         self._credit = credit
         start: int | str = "next" if self._next is None else self._next - 1
@@ -114,7 +128,7 @@ class AmqpTopics(TopicLog):
         loop = asyncio.get_running_loop()
         loop.call_later(self._settings.heartbeat, self._check_probe, session, waiter)
 
-    def _check_probe(self, session: _Session, waiter: asyncio.Future[int]) -> None:
+    def _check_probe(self, session: Session, waiter: asyncio.Future[int]) -> None:
         if waiter.done() or session.lost.is_set():
             return
         waiter.cancel()
@@ -128,7 +142,7 @@ class AmqpTopics(TopicLog):
         self._known.clear()
         session.end("the topic stream is not the one this process read: reading it again")
 
-    def _on_message(self, credit: StreamCredit, message: DeliveredMessage) -> None:
+    def _on_message(self, credit: Credit, message: DeliveredMessage) -> None:
         # Synchronous, so messages are handed on in delivery order (aiormq runs each callback
         # in a task of its own, in order).
         credit.delivered(message)

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from aioqueue import topics
-from aioqueue.web.hub import CLOSE_SLOW, SEND_TIMEOUT
+from aioqueue.web.connection import CLOSE_SLOW, SEND_TIMEOUT
 from aioqueue.web.openapi import OFFSET, TOPIC_NAME, package_version, schemas, submit_body
 from aioqueue.web.problems import problems
 from aioqueue.web.protocol import ERRORS, JOB_EVENTS

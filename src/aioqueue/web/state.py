@@ -11,7 +11,8 @@ from aiohttp import web
 from aioqueue.config import Settings
 from aioqueue.errors import NotReady
 from aioqueue.tasks import Registry
-from aioqueue.web.hub import Connection, Hub
+from aioqueue.web.connection import Connection
+from aioqueue.web.hub import Hub
 
 if TYPE_CHECKING:
     from aioqueue.producer import Jobs

@@ -3,7 +3,7 @@
 Every process reads the topic log live (`TopicLog.listen`) and hands each message to
 `on_message`, which sends it, serialised once per pattern, to every live subscription whose
 pattern matches. Topic messages are never coalesced; a client too slow for them is closed with
-1013, like any other, and resumes with `since` (see hub.py).
+1013, like any other, and resumes with `since` (see connection.py).
 
 A subscription with `since: N` is not live at first. A task of its own reads the retained
 messages from N + 1 (`TopicLog.read`), sends those that match, paced by the client (it waits
@@ -32,7 +32,7 @@ from aioqueue.topics import Matcher, compile_pattern
 from aioqueue.web.protocol import ErrorCode
 
 if TYPE_CHECKING:
-    from aioqueue.web.hub import Connection
+    from aioqueue.web.connection import Connection
 
 logger = logging.getLogger(__name__)
 

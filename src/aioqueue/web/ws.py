@@ -29,7 +29,8 @@ from aioqueue.errors import (
     QueueFull,
 )
 from aioqueue.topics import check_pattern
-from aioqueue.web.hub import CLOSE_TIMEOUT, Connection, job_frame
+from aioqueue.web.connection import CLOSE_TIMEOUT, Connection
+from aioqueue.web.hub import job_frame
 from aioqueue.web.problems import problem
 from aioqueue.web.protocol import SNAPSHOT, ErrorCode
 from aioqueue.web.state import STATE, State
