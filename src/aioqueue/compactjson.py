@@ -16,4 +16,9 @@ import orjson
 
 def dumps(value: Any) -> bytes:
     """`orjson.dumps(value)`, copied into a bytes object of its own size."""
-    return bytes(memoryview(orjson.dumps(value)))
+    return own(orjson.dumps(value))
+
+
+def own(data: bytes) -> bytes:
+    """`data` in a bytes object of its own size (`bytes(data)` would return `data` itself)."""
+    return bytes(memoryview(data))

@@ -15,8 +15,6 @@ from typing import Any
 
 import orjson
 
-from aioqueue import compactjson
-
 #: The fields a spec must have; the others have defaults (older specs lack some of them).
 REQUIRED = ("id", "task", "queue", "args", "max_attempts", "timeout", "created_at")
 
@@ -53,7 +51,7 @@ class JobSpec:
         return dataclasses.replace(self, **changes)
 
     def encode(self) -> bytes:
-        return compactjson.dumps(self)  # the memory broker keeps it in a queue
+        return orjson.dumps(self)
 
     @classmethod
     def decode(cls, data: bytes | dict[str, Any]) -> JobSpec:

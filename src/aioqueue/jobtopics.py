@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Publishes of job events in flight at most; beyond it they are dropped (and counted).
+#: Publishes of job events in flight at most; beyond it they are dropped (and said once).
 MAX_IN_FLIGHT = 1000
 
 
@@ -55,7 +55,6 @@ class JobEvents:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._unmade: set[str] = set()
         self._failing = False
-        self.dropped = 0
 
     def __bool__(self) -> bool:
         return bool(self._templates)
@@ -74,7 +73,7 @@ class JobEvents:
             self._warn_once(job, exc.detail)
             return
         if len(self._in_flight) >= MAX_IN_FLIGHT:
-            self.dropped += 1
+            self._warn_once(job, f"{MAX_IN_FLIGHT} publishes are in flight already")
             return
         task = asyncio.create_task(self._publish(topic, data))
         self._in_flight.add(task)

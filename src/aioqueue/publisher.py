@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from aioqueue import compactjson
+import orjson
+
 from aioqueue.broker.base import TopicLog
 from aioqueue.errors import FieldError, InvalidRequest, PayloadTooLarge
 from aioqueue.topics import check_topic
@@ -28,7 +29,7 @@ class Topics:
         """`data` as the JSON a message carries; InvalidRequest if it is not JSON, and
         PayloadTooLarge past `topics.max_message_bytes`."""
         try:
-            body = compactjson.dumps(data)  # the memory broker keeps it
+            body = orjson.dumps(data)
         except TypeError as exc:
             error = FieldError("data", str(exc))
             raise InvalidRequest(f"data is not JSON: {exc}", [error]) from None

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Collection, Coroutine
 from typing import Any
 
+from aioqueue import compactjson
 from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
 from aioqueue.broker.memory_topics import MemoryTopics
 from aioqueue.config import TopicsSettings
@@ -172,6 +173,7 @@ class MemoryBroker(Broker):
 
     async def publish(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         self._check_route(queue)
+        body = compactjson.own(body)  # kept until consumed: not in orjson's 4 KiB buffer
         if delay <= 0:
             self._check_room(queue)
             self.put(queue, body, priority)

@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
+from aioqueue import compactjson
 from aioqueue.broker.base import TopicEntry, TopicHandler, TopicLog
 
 
@@ -39,6 +40,7 @@ class MemoryTopics(TopicLog):
         # A turn of the loop, as a broker's confirm takes: a task publishing in a loop must not
         # hold the process.
         await asyncio.sleep(0)
+        data = compactjson.own(data)  # kept for the retention: not in orjson's 4 KiB buffer
         offset, self._next = self._next, self._next + 1
         now = time.time()
         self._entries.append((offset, topic, data, now))

@@ -56,8 +56,8 @@ class Connection:
         self,
         ws: web.WebSocketResponse,
         send_buffer: int,
-        publishes_per_second: int = 100,
-        transport: asyncio.Transport | None = None,
+        publishes_per_second: int,
+        transport: asyncio.Transport | None,
     ) -> None:
         self.ws = ws
         # Frames are written straight to the transport only when they need no compression
