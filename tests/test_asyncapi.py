@@ -207,6 +207,7 @@ async def test_the_frames_of_a_session_are_valid_by_their_messages(client: Clien
         return frames[-1]
 
     await send({"op": "ping", "id": "p"})
+    await send({"op": "auth", "token": "any: auth is off"})
     # Delayed, so that it is subscribed to before it runs.
     submit = {"task": "add", "args": {"a": 1}, "delay": 0.3}
     job = (await send({"op": "submit", "job": submit}))["job"]

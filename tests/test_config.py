@@ -5,6 +5,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import orjson
 import pytest
 
 from aioqueue.config import Settings, describe, env_name, load
@@ -189,11 +190,79 @@ def test_password_in_broker_url_is_hidden_from_errors(tmp_path: Path) -> None:
     assert "s3cret" not in message and "'redis://u:***@host'" in message
 
 
-@pytest.mark.parametrize("mode", ["token", "jwt"])
-def test_auth_modes_other_than_none_are_not_built(tmp_path: Path, mode: str) -> None:
-    message = error_of(tmp_path, overrides={"auth.mode": mode})
-    assert message.startswith(f"auth.mode = {mode!r} (from overrides): ")
-    assert "not built yet" in message
+TOKEN = "tok-3f9a8b7c6d5e4f3a2b1c"
+SECRET = "secret-5b8e2f0a9c7d4e1b3a6f8c2d0e9b7a5c"
+
+
+def tokens(*entries: dict[str, object]) -> str:
+    return orjson.dumps(list(entries)).decode()
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"AIOQUEUE_AUTH__MODE": "token"}, "auth.tokens is not set (auth.mode = 'token')"),
+        ({"AIOQUEUE_AUTH__MODE": "jwt"}, "auth.jwt_secret is not set (auth.mode = 'jwt')"),
+        (
+            {"AIOQUEUE_AUTH__MODE": "jwt", "AIOQUEUE_AUTH__JWT_ALGORITHMS": '["RS256"]'},
+            "auth.jwt_public_key or auth.jwt_jwks_file is not set",
+        ),
+        (
+            {"AIOQUEUE_AUTH__MODE": "jwt", "AIOQUEUE_AUTH__JWT_SECRET": "short" * 6},
+            "auth.jwt_secret = <hidden> (from AIOQUEUE_AUTH__JWT_SECRET): expected a secret of"
+            " at least 32 bytes",
+        ),
+        (
+            {"AIOQUEUE_AUTH__JWT_ALGORITHMS": '["HS256", "RS256"]'},
+            "HS* (a shared secret) and public-key algorithms cannot be mixed",
+        ),
+        ({"AIOQUEUE_AUTH__JWT_ALGORITHMS": '["none"]'}, "'none' is not one of"),
+        ({"AIOQUEUE_AUTH__JWT_ALGORITHMS": "[]"}, "expected at least one algorithm"),
+        ({"AIOQUEUE_AUTH__MODE": "basic"}, "expected 'none', 'token' or 'jwt'"),
+    ],
+)
+def test_auth_modes_need_their_keys(tmp_path: Path, environ: dict[str, str], expected: str) -> None:
+    assert expected in error_of(tmp_path, environ=environ)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"token": TOKEN, "principal": "alice"}, "entry 0: expected a table with exactly"),
+        ({"token": "short", "principal": "alice", "scopes": []}, "at least 16 printable"),
+        ({"token": TOKEN, "principal": "", "scopes": []}, "principal must be 1 to 200"),
+        ({"token": TOKEN, "principal": "alice", "scopes": "jobs:read"}, "scopes must be a list"),
+        ({"token": TOKEN, "principal": "alice", "scopes": ["jobs:write"]}, "unknown scope"),
+        ({"token": TOKEN, "principal": "alice", "scopes": ["topics:publish:a..b"]}, "is empty"),
+        ({"token": TOKEN, "principal": "alice", "scopes": ["jobs:submit:"]}, "names no task"),
+    ],
+)
+def test_a_bad_token_entry_is_named_without_its_token(
+    tmp_path: Path, entry: dict[str, object], expected: str
+) -> None:
+    environ = {"AIOQUEUE_AUTH__MODE": "token", "AIOQUEUE_AUTH__TOKENS": tokens(entry)}
+    message = error_of(tmp_path, environ=environ)
+    assert message.startswith("auth.tokens = <hidden> (from AIOQUEUE_AUTH__TOKENS): ")
+    assert expected in message and TOKEN not in message
+
+
+def test_a_token_given_twice_is_refused(tmp_path: Path) -> None:
+    entry: dict[str, object] = {"token": TOKEN, "principal": "alice", "scopes": []}
+    environ = {"AIOQUEUE_AUTH__TOKENS": tokens(entry, {**entry, "principal": "bob"})}
+    message = error_of(tmp_path, environ=environ)
+    assert "entry 1 (principal 'bob'): the same token is given twice" in message
+    assert TOKEN not in message
+
+
+def test_secrets_stay_out_of_the_settings_repr(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        f'[auth]\nmode = "jwt"\njwt_secret = "{SECRET}"\n'
+        f'tokens = [{{token = "{TOKEN}", principal = "alice", scopes = ["jobs:read"]}}]\n',
+    )
+    settings = load(path, environ={})
+    assert settings.auth.jwt_secret == SECRET and settings.auth.tokens[0]["token"] == TOKEN
+    assert SECRET not in repr(settings) and TOKEN not in repr(settings)
 
 
 def test_retry_backoff_max_below_retry_backoff(tmp_path: Path) -> None:
@@ -228,12 +297,18 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 4 + 8 + 8 + 3 + 6 + 4 + 1
+    assert "source" not in rows and len(rows) == 1 + 6 + 8 + 8 + 3 + 7 + 4 + 13
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:
     """Setting each env var to its own default is accepted and changes nothing."""
-    env = {name: "" if default is None else str(default) for _, name, default in describe()}
+
+    def text(default: object) -> str:  # a list as JSON, as the environment takes it
+        if isinstance(default, list):
+            return orjson.dumps(default).decode()
+        return "" if default is None else str(default)
+
+    env = {name: text(default) for _, name, default in describe()}
     assert load(environ=env) == Settings()
 
 

@@ -179,5 +179,5 @@ def test_spec_round_trips_through_from_spec() -> None:
 def test_record_has_the_contract_fields() -> None:
     assert list(make_job().to_dict()) == [
         "id", "task", "queue", "status", "args", "attempt", "max_attempts", "progress",
-        "result", "error", "created_at", "scheduled_for", "started_at", "finished_at",
+        "result", "error", "owner", "created_at", "scheduled_for", "started_at", "finished_at",
     ]  # fmt: skip

@@ -447,7 +447,7 @@ async def test_a_full_queue_refuses_with_429_and_keeps_no_trace(make_service: An
         await service.jobs.submit({"task": "blocker", "idempotency_key": "refused"})
     await service.log.barrier()
     assert len(service.store) == 1 + len(waiting)  # the refused jobs left no record
-    assert service.store.for_key("refused") is None
+    assert service.store.for_key("refused", None) is None
     release.set()
     for job in [running, *waiting]:
         assert (await until_terminal(service, job.id)).status.value == "succeeded"

@@ -422,7 +422,7 @@ async def test_a_body_that_stops_arriving_is_a_408_not_a_hang(client: Client) ->
     reader, writer = await asyncio.open_connection(client.host, client.port)
     try:
         head = (
-            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             "Content-Length: 100\r\n\r\n"
         )
         writer.write(head.encode() + b'{"tas')

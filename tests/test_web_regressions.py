@@ -71,7 +71,7 @@ async def test_an_idempotency_key_header_that_is_not_utf8_is_a_400(client: Clien
     assert client.server.port is not None
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(
-        b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Idempotency-Key: k\xff\xfe\r\nConnection: close\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )

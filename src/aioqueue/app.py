@@ -100,9 +100,14 @@ class App:
     def queues(self) -> set[str]:
         return {task.queue for task in self.tasks.values()}
 
-    async def submit(self, task: str, args: Any = None, **options: Any) -> dict[str, Any]:
-        """Submit a job from Python; returns its record once the broker confirmed it."""
-        job = await self._running().jobs.submit({**options, "task": task, "args": args})
+    async def submit(
+        self, task: str, args: Any = None, *, owner: str | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Submit a job from Python; returns its record once the broker confirmed it. `owner`:
+        the principal it belongs to (with auth on, who may read and cancel it), e.g. the
+        logged-in user of a web view that submits on their behalf."""
+        body = {**options, "task": task, "args": args}
+        job = await self._running().jobs.submit(body, owner=owner)
         return job.to_dict()
 
     async def publish(self, topic: str, data: Any = None) -> int:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from aioqueue import client, logs
-from aioqueue.config import Settings, describe, load
+from aioqueue.config import TOKEN_VAR, Settings, describe, load
 from aioqueue.errors import AioqueueError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aioqueue",
         description="Background jobs over HTTP and websockets, on RabbitMQ.",
-        epilog="Configuration: config.toml and AIOQUEUE_* variables; see `aioqueue serve --help`.",
+        epilog="Configuration: config.toml and AIOQUEUE_* variables; see `aioqueue serve --help`."
+        f" The client commands send ${TOKEN_VAR}, if set, as their bearer token.",
     )
     parser.add_argument(
         "--config", help="path of config.toml (default: $AIOQUEUE_CONFIG, ./config.toml)"
@@ -162,6 +163,7 @@ async def _serve(settings: Settings) -> int:
 
     from aioqueue.service import check_timeouts
     from aioqueue.web.app import create_app, shutdown
+    from aioqueue.web.browsers import is_loopback
     from aioqueue.web.state import STATE
 
     app = load_app(settings.app)
@@ -178,6 +180,13 @@ async def _serve(settings: Settings) -> int:
         f"  broker: {redact(settings.broker.url)}; tasks: {', '.join(sorted(app.tasks))}",
         flush=True,
     )
+    if settings.auth.mode == "none" and not is_loopback(settings.http.host):
+        print(
+            f"  WARNING: auth is off ([auth] mode = 'none') and {settings.http.host} is not a"
+            " loopback address: anyone who reaches the port can submit, read and cancel every"
+            " job. Set [auth] mode = 'token' or 'jwt'.",
+            flush=True,
+        )
     if settings.broker.url.startswith("memory:"):
         print(
             "  WARNING: memory:// is the embedded broker: one process, and NOTHING survives a"
@@ -228,7 +237,7 @@ async def _check(settings: Settings) -> int:
 
 async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
     base = args.url or client.default_url(settings)
-    async with client.Client(base) as api:
+    async with client.Client(base, os.environ.get(TOKEN_VAR)) as api:
         try:
             if args.command == "submit":
                 return await _submit(api, args)

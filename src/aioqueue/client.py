@@ -28,9 +28,13 @@ def default_url(settings: Settings) -> str:
 
 
 class Client:
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, token: str | None = None) -> None:
+        """`token`: a bearer token, sent on every request and the websocket's handshake."""
         self.base_url = base_url.rstrip("/")
-        self._session = aiohttp.ClientSession(json_serialize=lambda v: orjson.dumps(v).decode())
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        self._session = aiohttp.ClientSession(
+            headers=headers, json_serialize=lambda v: orjson.dumps(v).decode()
+        )
 
     async def __aenter__(self) -> Client:
         return self

@@ -28,9 +28,12 @@ from urllib.parse import urlsplit
 import orjson
 
 from aioqueue.errors import ConfigError
+from aioqueue.scopes import scope_problem
 
 _PREFIX = "AIOQUEUE_"
 _CONFIG_VAR = "AIOQUEUE_CONFIG"
+#: The bearer token the CLI's client commands send; not a key of the service's config.
+TOKEN_VAR = "AIOQUEUE_TOKEN"
 _Ok = Callable[[Any], bool | str]  # True, or False (the value is not `expected`), or a message
 
 
@@ -40,11 +43,20 @@ class _Rule:
     expected: str  # what a good value looks like
     ok: _Ok
     optional: bool = False  # "" means unset (None)
+    secret: bool = False  # never shown in an error message
 
 
-def _key(default: Any, kind: type, expected: str, ok: _Ok = bool, optional: bool = False) -> Any:
+def _key(
+    default: Any,
+    kind: type,
+    expected: str,
+    ok: _Ok = bool,
+    optional: bool = False,
+    secret: bool = False,
+) -> Any:
     """A dataclass field with its rule; `ok=bool` accepts any non-empty string."""
-    return field(default=default, metadata={"rule": _Rule(kind, expected, ok, optional)})
+    rule = _Rule(kind, expected, ok, optional, secret)
+    return field(default=default, repr=not secret, metadata={"rule": rule})
 
 
 def _int(default: int, lo: int, hi: int | None = None) -> Any:
@@ -97,10 +109,63 @@ def normal_origin(origin: str) -> str | None:
     return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
 
 
-def _auth_mode_ok(mode: str) -> bool | str:
-    if mode in ("token", "jwt"):
-        return f"auth mode {mode!r} is not built yet; use 'none'"
-    return mode == "none"
+def _hosts_ok(hosts: tuple[object, ...]) -> bool | str:
+    for host in hosts:
+        if not (isinstance(host, str) and re.fullmatch(r"\*|\.?[A-Za-z0-9_.:\[\]-]+", host)):
+            return f"{str(host)[:60]!r} is not a host name, a .suffix or '*'"
+    return True
+
+
+#: A token in `auth.tokens` is at least this long: a short one can be guessed.
+MIN_TOKEN_LENGTH = 16
+_TOKEN_FIELDS = {"token", "principal", "scopes"}
+
+
+def _tokens_ok(tokens: tuple[object, ...]) -> bool | str:
+    # Messages name the entry by its index and principal, never by its token.
+    seen: set[str] = set()
+    for index, entry in enumerate(tokens):
+        where = f"entry {index}"
+        if not isinstance(entry, dict) or set(entry) != _TOKEN_FIELDS:
+            return f"{where}: expected a table with exactly token, principal and scopes"
+        token, principal, scopes = entry["token"], entry["principal"], entry["scopes"]
+        if not isinstance(principal, str) or not principal_ok(principal):
+            return f"{where}: principal must be 1 to 200 printable characters"
+        where = f"entry {index} (principal {principal!r})"
+        if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH or not token.isprintable():
+            return f"{where}: token must be at least {MIN_TOKEN_LENGTH} printable characters"
+        if token in seen:
+            return f"{where}: the same token is given twice"
+        seen.add(token)
+        if not isinstance(scopes, list):
+            return f"{where}: scopes must be a list of scopes"
+        for scope in scopes:
+            if (problem := scope_problem(scope)) is not None:
+                return f"{where}: {problem}"
+    return True
+
+
+def principal_ok(name: str) -> bool:
+    """A principal's name: 1 to 200 printable characters (it is kept with each of its jobs)."""
+    return 1 <= len(name) <= 200 and name.isprintable()
+
+
+JWT_ALGORITHMS = frozenset(
+    f"{family}{bits}" for family in ("HS", "RS", "PS", "ES") for bits in (256, 384, 512)
+) | {"EdDSA"}
+
+
+def _algorithms_ok(algorithms: tuple[object, ...]) -> bool | str:
+    if not algorithms:
+        return "expected at least one algorithm"
+    for algorithm in algorithms:
+        if algorithm not in JWT_ALGORITHMS:
+            return f"{str(algorithm)[:20]!r} is not one of {', '.join(sorted(JWT_ALGORITHMS))}"
+    if len({str(a).startswith("HS") for a in algorithms}) > 1:
+        # One key cannot be both a shared secret and a public key: mixing them is how an
+        # HS256 token signed with the public key passes as an RS256 one.
+        return "HS* (a shared secret) and public-key algorithms cannot be mixed"
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +174,15 @@ class HttpSettings:
     port: int = _int(8080, 0, 65535)  # 0: any free port
     max_body_bytes: int = _int(1048576, 1024)
     body_timeout: float = _float(10.0, 0, above=True)  # seconds to receive a whole request body
+    # Origins whose pages may call the HTTP API (CORS); "*": any. Default: none.
+    cors_origins: tuple[str, ...] = _key(
+        (), tuple, 'expected a list of origins like ["https://example.com"], or ["*"]', _origins_ok
+    )
+    # Host headers answered: names, ".example.com" for it and its subdomains, or "*". Default:
+    # loopback names only when `host` is a loopback address (against DNS rebinding), else any.
+    allowed_hosts: tuple[str, ...] = _key(
+        (), tuple, 'expected a list of host names like ["api.example.com"], or ["*"]', _hosts_ok
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +233,7 @@ class WsSettings:
         (), tuple, 'expected a list of origins like ["https://example.com"], or ["*"]', _origins_ok
     )
     max_publishes_per_second: int = _int(100, 1)  # topic publishes per connection; bursts of this
+    auth_timeout: float = _float(5.0, 0, above=True)  # seconds to send `auth` (also after expiry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +244,35 @@ class TopicsSettings:
     max_catch_ups: int = _int(32, 1)  # `since` replays at once per process; more wait their turn
 
 
+def _auth_mode_ok(mode: str) -> bool:
+    return mode in ("none", "token", "jwt")
+
+
+def _optional(expected: str, *, secret: bool = False) -> Any:
+    return _key(None, str, expected, bool, optional=True, secret=secret)
+
+
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
     mode: str = _key("none", str, "expected 'none', 'token' or 'jwt'", _auth_mode_ok)
+    # [{token, principal, scopes}, ...] for mode "token"
+    tokens: tuple[dict[str, Any], ...] = _key(
+        (), tuple, "expected a list of {token, principal, scopes} tables", _tokens_ok, secret=True
+    )
+    jwt_algorithms: tuple[str, ...] = _key(
+        ("HS256",), tuple, 'expected a list like ["HS256"] or ["RS256"]', _algorithms_ok
+    )
+    jwt_secret: str | None = _optional("expected the HS* shared secret", secret=True)
+    jwt_public_key: str | None = _optional("expected a PEM public key, or a path to one")
+    jwt_jwks_file: str | None = _optional("expected the path of a JWKS (JSON) file")
+    jwt_audience: str | None = _optional("expected the `aud` tokens must name")  # checked if set
+    jwt_issuer: str | None = _optional("expected the `iss` tokens must have")  # checked if set
+    jwt_scopes_claim: str = _key("scope", str, "expected a claim name", bool)
+    jwt_leeway: float = _float(30.0, 0)  # seconds of clock skew allowed on exp and nbf
+    # Per principal and process, with auth on: what one client may take from the others.
+    max_submits_per_second: int = _int(50, 1)  # submits and retries, in bursts of as many
+    max_websockets: int = _int(20, 1)  # open websockets
+    max_subscriptions: int = _int(1000, 1)  # job and topic channels over all its websockets
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +316,9 @@ def _error(message: str) -> ConfigError:
     return ConfigError(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
-def _show(value: object) -> str:
+def _show(value: object, secret: bool = False) -> str:
+    if secret:
+        return "<hidden>"
     if isinstance(value, str):  # hide the password of a URL
         value = re.sub(r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^/@]*@", r"\1***@", value)
     text = repr(value)
@@ -223,7 +326,9 @@ def _show(value: object) -> str:
 
 
 def _bad(key: str, value: object, where: str, expected: str) -> ConfigError:
-    return _error(f"{key} = {_show(value)} (from {where}): {expected}")
+    rule: _Rule | None = _KEYS[key].metadata.get("rule") if key in _KEYS else None
+    shown = _show(value, secret=rule is not None and rule.secret)
+    return _error(f"{key} = {shown} (from {where}): {expected}")
 
 
 def _hint(word: str, candidates: Iterable[str], quote: str = "'") -> str:
@@ -307,10 +412,10 @@ def _from_toml(path: str) -> Source:
 
 def _from_env(env: Mapping[str, str]) -> Source:
     for name in sorted(env):
-        if not name.startswith(_PREFIX) or name == _CONFIG_VAR:
+        if not name.startswith(_PREFIX) or name in (_CONFIG_VAR, TOKEN_VAR):
             continue
         if name not in _BY_ENV:
-            hint = _hint(name, [*_BY_ENV, _CONFIG_VAR], quote="")
+            hint = _hint(name, [*_BY_ENV, _CONFIG_VAR, TOKEN_VAR], quote="")
             raise _error(f"unknown environment variable {name}{hint}")
         yield _BY_ENV[name], env[name], name, True
 
@@ -349,4 +454,33 @@ def load(
         key, low = "jobs.retry_backoff_max", origin.get("jobs.retry_backoff", "defaults")
         expected = f"expected a number >= jobs.retry_backoff ({jobs.retry_backoff:g}, from {low})"
         raise _bad(key, jobs.retry_backoff_max, origin.get(key, "defaults"), expected)
+    _check_auth(settings.auth, origin)
     return settings
+
+
+#: The shortest HS* secret: RFC 7518 §3.2 asks for a key at least as long as the hash.
+MIN_SECRET_BYTES = 32
+
+
+def _check_auth(auth: AuthSettings, origin: Mapping[str, str]) -> None:
+    """What one key alone cannot say: the keys each mode needs."""
+
+    def missing(key: str, why: str) -> ConfigError:
+        return _error(f"{key} is not set (auth.mode = {auth.mode!r}): {why}")
+
+    if auth.mode == "token" and not auth.tokens:
+        raise missing("auth.tokens", "mode 'token' needs at least one token")
+    if auth.mode != "jwt":
+        return
+    if auth.jwt_algorithms[0].startswith("HS"):
+        if auth.jwt_secret is None:
+            raise missing("auth.jwt_secret", f"{auth.jwt_algorithms[0]} needs the shared secret")
+        if len(auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            where = origin.get("auth.jwt_secret", "defaults")
+            expected = f"expected a secret of at least {MIN_SECRET_BYTES} bytes"
+            raise _bad("auth.jwt_secret", auth.jwt_secret, where, expected)
+    elif (auth.jwt_public_key is None) == (auth.jwt_jwks_file is None):
+        raise missing(
+            "auth.jwt_public_key or auth.jwt_jwks_file",
+            f"{auth.jwt_algorithms[0]} needs exactly one of them",
+        )

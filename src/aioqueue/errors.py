@@ -6,12 +6,16 @@ AioqueueError
 ├── TaskDefinitionError (also TypeError) a task function aioqueue cannot check
 ├── RequestError                       the caller's fault; maps to a 4xx
 │   ├── InvalidRequest                 400: bad JSON, bad fields, bad task arguments
-│   ├── NotFound                       404: unknown job or task
+│   ├── Unauthorized                   401: no credentials, or bad ones
+│   │   └── TokenExpired               401: a JWT past its `exp`
+│   ├── Forbidden                      403: the principal lacks the scope
+│   ├── NotFound                       404: unknown job or task (or another principal's job)
 │   ├── RequestTimeout                 408: the body did not arrive in http.body_timeout
 │   ├── Conflict                       409: the job is in the wrong state
 │   ├── PayloadTooLarge                413
 │   └── UnsupportedMediaType           415
 ├── QueueFull                          429: the queue is at broker.max_queue_length
+├── RateLimited                        429: the principal is over auth.max_submits_per_second
 ├── BrokerUnavailable                  503: the broker is down or did not confirm in time
 └── NotReady                           503: the service is starting or stopping
 ```
@@ -69,6 +73,29 @@ class InvalidRequest(RequestError):
         self.errors = errors or []
 
 
+class Unauthorized(RequestError):
+    """No credentials, or credentials that do not authenticate. The detail never repeats them."""
+
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str, *, given: bool = True) -> None:
+        super().__init__(detail)
+        #: Whether credentials were given (and are bad), or missing.
+        self.given = given
+
+
+class TokenExpired(Unauthorized):
+    """A JWT whose `exp` has passed (beyond `auth.jwt_leeway`)."""
+
+
+class Forbidden(RequestError):
+    """The principal is known, and its scopes do not allow this."""
+
+    status = 403
+    title = "Forbidden"
+
+
 class NotFound(RequestError):
     status = 404
     title = "Not found"
@@ -98,6 +125,14 @@ class QueueFull(AioqueueError):
     """The job's queue holds `broker.max_queue_length` jobs already: the job was not accepted."""
 
     retry_after = 1
+
+
+class RateLimited(AioqueueError):
+    """The caller is over a rate; `retry_after` is the seconds until it may try again."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class BrokerUnavailable(AioqueueError):

@@ -41,6 +41,8 @@ class JobSpec:
     #: The submit's idempotency key, and a digest of the rest of its body.
     idempotency_key: str | None = None
     fingerprint: str | None = None
+    #: The principal that submitted it (None with auth off): who may see and change it.
+    owner: str | None = None
 
     @property
     def delay(self) -> float:

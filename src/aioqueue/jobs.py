@@ -120,6 +120,7 @@ class Job:
         "id",
         "idempotency_key",
         "max_attempts",
+        "owner",
         "priority",
         "progress",
         "queue",
@@ -149,6 +150,7 @@ class Job:
         fingerprint: str | None = None,
         priority: int = 0,
         expires_at: float | None = None,
+        owner: str | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -168,6 +170,8 @@ class Job:
         self.priority = priority
         #: A job not started by then is `dead` (its `ttl`); None: no limit.
         self.expires_at = expires_at
+        #: The principal that submitted it; None with auth off.
+        self.owner = owner
         #: When a delayed job is due; then its status is `scheduled` until it starts.
         self.scheduled_for = scheduled_for
         self.status = JobStatus.QUEUED if scheduled_for is None else JobStatus.SCHEDULED
@@ -207,8 +211,12 @@ class Job:
         """Never started, and past its `ttl`."""
         return self.expires_at is not None and self.started_at is None and now > self.expires_at
 
-    def to_dict(self) -> dict[str, Any]:
-        """The public job record (CONTRACT §2)."""
+    def to_dict(self, traceback: bool = True) -> dict[str, Any]:
+        """The public job record (CONTRACT §2); with `traceback=False`, its error's traceback is
+        null (with auth on, only `jobs:admin` sees tracebacks: they show the server's paths)."""
+        error = self.error
+        if not traceback and error is not None and error.get("traceback") is not None:
+            error = {**error, "traceback": None}
         return {
             "id": self.id,
             "task": self.task,
@@ -219,7 +227,8 @@ class Job:
             "max_attempts": self.max_attempts,
             "progress": self.progress,
             "result": self.result,
-            "error": self.error,
+            "error": error,
+            "owner": self.owner,
             "created_at": rfc3339(self.created_at),
             "scheduled_for": rfc3339(self.scheduled_for),
             "started_at": rfc3339(self.started_at),

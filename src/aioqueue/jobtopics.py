@@ -45,6 +45,7 @@ class JobEvents:
         tasks: Mapping[str, Task[Any, Any]],
         topics: Topics,
         recorded_here: Callable[[], bool],
+        tracebacks: bool = True,
     ) -> None:
         self._templates = {
             name: task.topic for name, task in tasks.items() if task.topic is not None
@@ -52,6 +53,8 @@ class JobEvents:
         self._topics = topics
         #: Whether the change being applied comes from a log entry this process wrote.
         self._recorded_here = recorded_here
+        #: With auth on, only `jobs:admin` sees tracebacks, and a topic's subscribers may not.
+        self._tracebacks = tracebacks
         self._in_flight: set[asyncio.Task[None]] = set()
         self._unmade: set[str] = set()
         self._failing = False
@@ -68,7 +71,7 @@ class JobEvents:
             self._warn_once(job, f"its arguments do not make a topic of {template.template!r}")
             return
         try:
-            data = self._topics.encode({"event": event, "job": job.to_dict()})
+            data = self._topics.encode({"event": event, "job": job.to_dict(self._tracebacks)})
         except PayloadTooLarge as exc:
             self._warn_once(job, exc.detail)
             return

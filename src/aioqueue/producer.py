@@ -18,7 +18,7 @@ from aioqueue.errors import Conflict, NotFound
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Cancelled, JobSpec, Retried
 from aioqueue.jobs import RETRYABLE, Job, JobStatus
-from aioqueue.store import ChangeListener, JobStore
+from aioqueue.store import ChangeListener, JobStore, scoped_key
 from aioqueue.submission import build_spec
 from aioqueue.tasks import Registry
 
@@ -65,9 +65,11 @@ class Jobs:
         task: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[Job], str | None]:
+        """A page of jobs, newest first; only `owner`'s unless it is None."""
         self._check_open(False)
-        return self._store.list(statuses, task, limit, cursor)
+        return self._store.list(statuses, task, limit, cursor, owner)
 
     async def wait_terminal(self, job_id: str, within: float) -> Job:
         """The job once it is terminal, or as it is after `within` seconds; NotFound if unknown
@@ -82,27 +84,33 @@ class Jobs:
 
     # Writing ----------------------------------------------------------------------------------
 
-    async def submit(self, body: Any, idempotency_key: str | None = None) -> Job:
+    async def submit(
+        self, body: Any, idempotency_key: str | None = None, owner: str | None = None
+    ) -> Job:
         """Check and publish a job; returns its record once the broker confirmed it."""
-        job, _ = await self.submit_once(body, idempotency_key)
+        job, _ = await self.submit_once(body, idempotency_key, owner)
         return job
 
-    async def submit_once(self, body: Any, idempotency_key: str | None = None) -> tuple[Job, bool]:
-        """As `submit`, and whether this call created the job: a repeated idempotency key
-        returns the first job (True only for the first); the same key with another body is 409.
+    async def submit_once(
+        self, body: Any, idempotency_key: str | None = None, owner: str | None = None
+    ) -> tuple[Job, bool]:
+        """As `submit`, and whether this call created the job: a repeated idempotency key (of
+        the same `owner`) returns the first job (True only for the first); the same key with
+        another body is 409.
         """
         now = time.time()
         tasks, defaults = self._registry.tasks, self._settings.jobs
         spec = build_spec(body, tasks, defaults, now, idempotency_key, self.max_timeout)
+        spec = spec if owner is None else spec.replace(owner=owner)
         self._check_open(True)
-        key = spec.idempotency_key
-        if key is None:
+        if spec.idempotency_key is None:
             return await self._publish(spec), True
+        key = scoped_key(owner, spec.idempotency_key)
         # Concurrent repeats in this process wait for the first; across processes, the log's
         # order decides (`JobStore.create`).
         while (pending := self._submitting.get(key)) is not None:
             await asyncio.shield(pending)
-        first = self._first_for(key, spec)
+        first = self._first_for(spec)
         if first is not None:
             return first, False
         self._submitting[key] = asyncio.get_running_loop().create_future()
@@ -110,18 +118,23 @@ class Jobs:
             await self._publish(spec)
         finally:
             self._submitting.pop(key).set_result(None)
-        first = self._first_for(key, spec)
+        first = self._first_for(spec)
         assert first is not None
         return first, first.id == spec.id
 
     async def _publish(self, spec: JobSpec) -> Job:
         await self._log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
-        job = self._store.get(spec.id) or self._store.for_key(spec.idempotency_key or "")
+        job = self._store.get(spec.id)
+        if job is None and spec.idempotency_key is not None:
+            job = self._store.for_key(spec.idempotency_key, spec.owner)
         assert job is not None, "a submitted job is in the store once submit() returns"
         return job
 
-    def _first_for(self, key: str, spec: JobSpec) -> Job | None:
-        first = self._store.for_key(key)
+    def _first_for(self, spec: JobSpec) -> Job | None:
+        key = spec.idempotency_key
+        if key is None:
+            return None
+        first = self._store.for_key(key, spec.owner)
         if first is not None and first.fingerprint != spec.fingerprint:
             raise Conflict(
                 f"idempotency key {key[:100]!r} was used for another request (job {first.id})"

@@ -42,7 +42,8 @@ from aioqueue.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-SubmitFn = Callable[[dict[str, Any]], Awaitable[Job]]
+#: Submits a job body for an owner (a task's child jobs belong to the task's job's owner).
+SubmitFn = Callable[[dict[str, Any], str | None], Awaitable[Job]]
 #: Publishes (topic, data) and returns the message's offset (`publisher.Topics.publish`).
 PublishFn = Callable[[str, Any], Awaitable[int]]
 #: How long a message of a job the store does not know waits for the log to catch up.
@@ -65,22 +66,21 @@ DEATHS = {
 class _Hooks:
     """A running job's way back into the service (see `context.JobHooks`)."""
 
-    __slots__ = ("_attempt", "_job_id", "_log", "_publish", "_submit")
+    __slots__ = ("_attempt", "_job_id", "_log", "_owner", "_publish", "_submit")
 
-    def __init__(
-        self, log: EventLog, submit: SubmitFn, publish: PublishFn, job_id: str, attempt: int
-    ) -> None:
+    def __init__(self, log: EventLog, submit: SubmitFn, publish: PublishFn, spec: JobSpec) -> None:
         self._log = log
         self._submit = submit
         self._publish = publish
-        self._job_id = job_id
-        self._attempt = attempt
+        self._job_id = spec.id
+        self._attempt = spec.attempt
+        self._owner = spec.owner
 
     async def progress(self, value: float, message: str | None) -> None:
         await self._log.append(Progress(self._job_id, self._attempt, value, message))
 
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
-        job = await self._submit({**options, "task": task, "args": args})
+        job = await self._submit({**options, "task": task, "args": args}, self._owner)
         return job.to_dict()
 
     async def publish(self, topic: str, data: Any) -> int:
@@ -319,7 +319,7 @@ class Runner:
 
     async def _call(self, task: Task[Any, Any], spec: JobSpec) -> Any:
         positional, keyword = task.signature.bind(spec.args)
-        hooks = _Hooks(self._log, self._submit, self._publish, spec.id, spec.attempt)
+        hooks = _Hooks(self._log, self._submit, self._publish, spec)
         loop = asyncio.get_running_loop()
         if task.signature.takes_context:
             ctx: Context | SyncContext = (

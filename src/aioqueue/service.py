@@ -129,7 +129,12 @@ class Service:
         self.topics = Topics(
             self.broker.topics, settings.topics.max_message_bytes, self._check_open
         )
-        self.job_events = JobEvents(registry.tasks, self.topics, lambda: self.log.applying_own)
+        self.job_events = JobEvents(
+            registry.tasks,
+            self.topics,
+            lambda: self.log.applying_own,
+            tracebacks=settings.auth.mode == "none",
+        )
         if self.job_events:
             self.store.listeners.append(self.job_events.on_change)
         self.runner = Runner(
@@ -138,7 +143,7 @@ class Service:
             self.log,
             self.broker,
             self.store,
-            submit=self.jobs.submit,
+            submit=lambda body, owner: self.jobs.submit(body, owner=owner),
             publish=self.topics.publish,
             threads=max(4, settings.broker.prefetch * len(registry.queues)),
             concurrency=settings.broker.prefetch,

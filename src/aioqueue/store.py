@@ -40,7 +40,7 @@ StoreEvent = JobEvent | Queued | Rejected
 ChangeListener = Callable[[str, Job], None]
 
 #: The layout of the tables; a store of another version is not opened (it is rebuilt).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,     -- creation order: the order of the log
@@ -48,11 +48,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     task TEXT NOT NULL,
     finished_at REAL,
-    idempotency_key TEXT,
+    idempotency_key TEXT,        -- scoped to the owner: `scoped_key()`
+    owner TEXT,
     state BLOB NOT NULL          -- Job.to_state(), as JSON
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
@@ -144,11 +146,14 @@ class JobStore:
         row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else self._cached(Job.from_state(orjson.loads(row[0])))
 
-    def for_key(self, key: str) -> Job | None:
-        """The job submitted first with this idempotency key, while it is kept."""
-        if (job_id := self._new_keys.get(key)) is not None:
+    def for_key(self, key: str, owner: str | None) -> Job | None:
+        """The job `owner` submitted first with this idempotency key, while it is kept."""
+        scoped = scoped_key(owner, key)
+        if (job_id := self._new_keys.get(scoped)) is not None:
             return self.get(job_id)
-        row = self._db.execute("SELECT id FROM jobs WHERE idempotency_key = ?", (key,)).fetchone()
+        row = self._db.execute(
+            "SELECT id FROM jobs WHERE idempotency_key = ?", (scoped,)
+        ).fetchone()
         return None if row is None else self.get(row[0])
 
     def is_duplicate(self, job_id: str) -> bool:
@@ -164,10 +169,15 @@ class JobStore:
         task: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        owner: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered; returns the page and the cursor of the next one."""
+        """Jobs newest first, filtered (by `owner` too, unless None); returns the page and the
+        cursor of the next one."""
         self.write()
         where, params = ["seq < ?"], [_decode(cursor) if cursor is not None else self._next_seq]
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
         if statuses:
             where.append(f"status IN ({', '.join('?' * len(statuses))})")
             params += [status.value for status in statuses]
@@ -225,12 +235,12 @@ class JobStore:
         if self.get(spec.id) is not None or self.is_duplicate(spec.id):
             return None
         key = spec.idempotency_key
-        if key is not None and self.for_key(key) is not None:
+        if key is not None and self.for_key(key, spec.owner) is not None:
             self._new_duplicates[spec.id] = self._clock()
             return None
         job = Job.from_spec(spec)
         if key is not None:
-            self._new_keys[key] = job.id
+            self._new_keys[scoped_key(spec.owner, key)] = job.id
         self._seq_of_new[job.id] = self._next_seq
         self._next_seq += 1
         self._count += 1
@@ -291,10 +301,11 @@ class JobStore:
                         (*row, job_id),
                     )
                 else:
+                    key = job.idempotency_key and scoped_key(job.owner, job.idempotency_key)
                     db.execute(
-                        "INSERT INTO jobs (seq, id, task, idempotency_key, status, finished_at,"
-                        " state) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (seq, job_id, job.task, job.idempotency_key, *row),
+                        "INSERT INTO jobs (seq, id, task, idempotency_key, owner, status,"
+                        " finished_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (seq, job_id, job.task, key, job.owner, *row),
                     )
             if self._new_duplicates:
                 db.executemany(
@@ -335,8 +346,10 @@ class JobStore:
         job = self.get(job_id)
         if job is None:
             return
-        if job.idempotency_key is not None and self._new_keys.get(job.idempotency_key) == job_id:
-            del self._new_keys[job.idempotency_key]
+        if job.idempotency_key is not None:
+            scoped = scoped_key(job.owner, job.idempotency_key)
+            if self._new_keys.get(scoped) == job_id:
+                del self._new_keys[scoped]
         self._cache.pop(job_id, None)
         self._dirty.pop(job_id, None)
         if self._seq_of_new.pop(job_id, None) is None:
@@ -357,6 +370,12 @@ class JobStore:
         for condition, waiter in self._waiters.get(job.id, ()):
             if not waiter.done() and condition(job):
                 waiter.set_result(None)
+
+
+def scoped_key(owner: str | None, key: str) -> str:
+    """An idempotency key as the store keeps it: one principal's key never finds another's job.
+    As JSON, so that no owner and key can be written to look like another pair."""
+    return orjson.dumps([owner, key]).decode()
 
 
 def connect(path: str) -> sqlite3.Connection:

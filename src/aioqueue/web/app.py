@@ -14,6 +14,7 @@ from aioqueue.service import Service
 from aioqueue.tasks import Registry
 from aioqueue.web import handlers
 from aioqueue.web.asyncapi import asyncapi_json
+from aioqueue.web.browsers import HTTP, cors_middleware, host_middleware
 from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE, ServiceBinding, State
@@ -25,8 +26,10 @@ logger = logging.getLogger(__name__)
 def create_app(registry: Registry, settings: Settings) -> web.Application:
     """A standalone aiohttp application serving an App's tasks (what `aioqueue serve` runs)."""
     web_app = web.Application(
-        client_max_size=settings.http.max_body_bytes, middlewares=[problem_middleware]
+        client_max_size=settings.http.max_body_bytes,
+        middlewares=[host_middleware, cors_middleware, problem_middleware],
     )
+    web_app[HTTP] = settings.http
     install(web_app, registry, settings)
     web_app.on_response_prepare.append(_server_header)
     return web_app

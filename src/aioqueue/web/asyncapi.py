@@ -161,6 +161,18 @@ OPS_DESCRIBED: dict[str, Op] = {
         reply_fields={},
         example={"op": "ping", "id": "p1"},
     ),
+    "auth": Op(
+        summary="Authenticate (with `[auth] mode` token or jwt): the first frame, within"
+        " `ws.auth_timeout` seconds, unless the handshake carried the token; again, as the same"
+        " principal, to renew a JWT before or after it expires",
+        fields={"token": {"type": "string", "minLength": 1, "description": "a bearer token"}},
+        required=("token",),
+        reply="authenticated",
+        reply_summary="Authenticated: `principal` is who the connection acts as (null with"
+        " auth off)",
+        reply_fields={"principal": {"type": ["string", "null"]}},
+        example={"op": "auth", "token": "eyJhbGciOiJIUzI1NiJ9.e30.sig"},
+    ),
 }
 
 PATTERN_RULES = (

@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import WSMessage, WSMsgType, web
 
+from aioqueue.auth import Principal
 from aioqueue.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,14 @@ class Connection:
         self._writing = False  # the writer task is between taking a frame and having sent it
         self.subscriptions: set[str] = set()
         self.publishes = TokenBucket(publishes_per_second)
+        #: Who is on the other end; None until it authenticates (with auth on), and again once
+        #: its credentials expired.
+        self.principal: Principal | None = None
+        #: The name of the principal it first authenticated as: the only one it may be.
+        self.identity: str | None = None
+        #: Closes the connection if it does not authenticate in time, or tells it that its
+        #: credentials expire (web/ws.py).
+        self.auth_timer: asyncio.TimerHandle | None = None
         self._limit = send_buffer
         # Each slot is [frame, coalesce key]; `_coalescing` points at the slot still queued
         # for a key, so a newer frame for it replaces the frame in place.

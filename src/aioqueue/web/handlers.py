@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 from multidict import MultiMapping
 
+from aioqueue.auth import Principal
 from aioqueue.errors import (
     FieldError,
     InvalidRequest,
@@ -17,9 +18,13 @@ from aioqueue.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
-from aioqueue.jobs import JobStatus
+from aioqueue.jobs import Job, JobStatus
+from aioqueue.topics import check_topic
 from aioqueue.web.problems import problem, problems
 from aioqueue.web.state import STATE
+
+if TYPE_CHECKING:
+    from aioqueue.producer import Jobs
 
 #: `?wait=` above this many seconds counts as this many.
 MAX_WAIT = 60.0
@@ -70,12 +75,21 @@ def _check_query(query: MultiMapping[str], allowed: set[str]) -> None:
         raise InvalidRequest("invalid query parameters", errors)
 
 
+def job_response(job: Job, who: Principal, status: int = 200) -> web.Response:
+    return json_response(job.to_dict(traceback=who.sees_everything), status)
+
+
 @problems
 async def submit_job(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[STATE].jobs()
+    state = request.app[STATE]
+    who = state.caller(request)
+    state.limits.check_write(who)
+    jobs = state.jobs()
     body = await read_json(request)
-    job, created = await jobs.submit_once(body, _idempotency_header(request))
-    return json_response(job.to_dict(), status=202 if created else 200)
+    if isinstance(body, dict) and isinstance(body.get("task"), str):
+        who.check_submit(body["task"])
+    job, created = await jobs.submit_once(body, _idempotency_header(request), who.name)
+    return job_response(job, who, status=202 if created else 200)
 
 
 def _idempotency_header(request: web.Request) -> str | None:
@@ -93,12 +107,15 @@ def _idempotency_header(request: web.Request) -> str | None:
 
 @problems
 async def get_job(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[STATE].jobs()
+    state = request.app[STATE]
+    who = state.caller(request)
+    jobs = state.jobs()
     _check_query(request.query, {"wait"})
     wait = request.query.get("wait")
     seconds = 0.0 if wait is None else _wait_seconds(wait)
+    who.check_read(jobs.known(request.match_info["id"]))
     job = await jobs.wait_terminal(request.match_info["id"], seconds)
-    return json_response(job.to_dict())
+    return job_response(job, who)
 
 
 def _wait_seconds(raw: str) -> float:
@@ -114,21 +131,33 @@ def _wait_seconds(raw: str) -> float:
 
 @problems
 async def cancel_job(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[STATE].jobs()
+    who, jobs = _changing(request)
     job = await jobs.cancel(request.match_info["id"])
-    return json_response(job.to_dict(), status=202)
+    return job_response(job, who, status=202)
 
 
 @problems
 async def retry_job(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[STATE].jobs()
+    who, jobs = _changing(request)
     job = await jobs.retry(request.match_info["id"])
-    return json_response(job.to_dict(), status=202)
+    return job_response(job, who, status=202)
+
+
+def _changing(request: web.Request) -> tuple[Principal, Jobs]:
+    """The caller of a cancel or retry, once it may change the job (401, 429, 404, 403)."""
+    state = request.app[STATE]
+    who = state.caller(request)
+    state.limits.check_write(who)
+    jobs = state.jobs()
+    who.check_change(jobs.known(request.match_info["id"]))
+    return who, jobs
 
 
 @problems
 async def list_jobs(request: web.Request) -> web.StreamResponse:
-    jobs = request.app[STATE].jobs()
+    state = request.app[STATE]
+    owner = state.caller(request).list_owner()
+    jobs = state.jobs()
     query = request.query
     _check_query(query, {"status", "task", "limit", "cursor"})
     errors: list[FieldError] = []
@@ -144,8 +173,9 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
         errors.append(FieldError("limit", f"expected an integer from 1 to {MAX_LIMIT}"))
     if errors:
         raise InvalidRequest("invalid query parameters", errors)
-    page, cursor = jobs.list(statuses, query.get("task"), limit, query.get("cursor"))
-    return json_response({"jobs": [job.to_dict() for job in page], "next": cursor})
+    page, cursor = jobs.list(statuses, query.get("task"), limit, query.get("cursor"), owner)
+    # Only `jobs:admin` sees every job, and only it sees tracebacks.
+    return json_response({"jobs": [job.to_dict(owner is None) for job in page], "next": cursor})
 
 
 def _limit(text: str) -> int:
@@ -161,9 +191,14 @@ def _limit(text: str) -> int:
 
 @problems
 async def publish(request: web.Request) -> web.StreamResponse:
-    topics = request.app[STATE].topics()
+    state = request.app[STATE]
+    who = state.caller(request)
+    state.limits.check_write(who)
+    topics = state.topics()
     _check_query(request.query, set())
     topic = request.match_info["topic"]
+    check_topic(topic)
+    who.check_publish(topic)
     data = await read_json(request)
     offset = await topics.publish(topic, data)
     return json_response({"topic": topic, "offset": offset}, status=202)
@@ -172,6 +207,7 @@ async def publish(request: web.Request) -> web.StreamResponse:
 @problems
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    state.caller(request)  # any principal
     defaults = state.settings.jobs
     tasks = [task.describe(defaults) for task in state.registry.tasks.values()]
     return json_response({"tasks": tasks})

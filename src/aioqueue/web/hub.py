@@ -11,9 +11,12 @@ from aioqueue.web.topichub import TopicHub
 class Hub:
     """Channel name -> connections subscribed to it; topic channels are `topics`'."""
 
-    def __init__(self, max_catch_ups: int = 32) -> None:
+    def __init__(self, max_catch_ups: int = 32, *, tracebacks: bool = True) -> None:
         self.channels: dict[str, set[Connection]] = {}
         self.topics = TopicHub(max_catch_ups)
+        #: Whether job frames carry an error's traceback: with auth on only `jobs:admin` may see
+        #: one, and a frame is serialised once for every subscriber, so none does.
+        self.tracebacks = tracebacks
 
     def subscribe(self, conn: Connection, channel: str) -> None:
         self.channels.setdefault(channel, set()).add(conn)
@@ -40,12 +43,12 @@ class Hub:
         subscribers = self.channels.get(channel)
         if not subscribers:
             return
-        frame = job_frame(channel, event, job)
+        frame = job_frame(channel, event, job, self.tracebacks)
         coalesce = channel if event == "progress" else None
         for conn in list(subscribers):
             conn.send(frame, coalesce)
 
 
-def job_frame(channel: str, event: str, job: Job) -> bytes:
-    frame = {"type": "job", "channel": channel, "event": event, "job": job.to_dict()}
+def job_frame(channel: str, event: str, job: Job, traceback: bool = True) -> bytes:
+    frame = {"type": "job", "channel": channel, "event": event, "job": job.to_dict(traceback)}
     return compactjson.dumps(frame)

@@ -122,13 +122,46 @@ ERRORS: dict[str, dict[str, Any]] = {
         " `jobs.max_args_bytes`; a message to a topic, larger than `topics.max_message_bytes`"
     ),
     "415": _problem("the body is not declared as JSON"),
-    "429": _problem("the queue is full (`broker.max_queue_length`); not accepted", True),
+    "429": _problem(
+        "the queue is full (`broker.max_queue_length`), or the principal is over"
+        " `auth.max_submits_per_second`; not accepted",
+        True,
+    ),
     "503": _problem("the broker is unavailable, or the service is starting or stopping", True),
 }
 
 
 def _errors(*statuses: int) -> dict[str, dict[str, Any]]:
     return {str(status): ERRORS[str(status)] for status in statuses}
+
+
+UNAUTHORIZED = _problem("no credentials, or refused ones (see the `WWW-Authenticate` header)")
+UNAUTHORIZED["headers"] = {
+    "WWW-Authenticate": {"required": True, "schema": {"type": "string", "pattern": "^Bearer"}}
+}
+FORBIDDEN = _problem("the principal's scopes do not allow this")
+#: Operations that change something: each is counted against `auth.max_submits_per_second`.
+WRITES = frozenset({"submitJob", "cancelJob", "retryJob", "publish"})
+#: Operations any authenticated principal may call, whatever its scopes.
+ANY_PRINCIPAL = frozenset({"listTasks"})
+
+
+def _secure(paths: dict[str, Any]) -> None:
+    """With auth on: the operations under /v1/ need a bearer token (401), and scopes (403);
+    the writes are rate-limited per principal (429)."""
+    for path, item in paths.items():
+        if not path.startswith("/v1/"):
+            continue
+        for operation in item.values():
+            if not isinstance(operation, dict):  # the path's `parameters`
+                continue
+            operation["security"] = [{"bearer": []}]
+            responses = operation["responses"]
+            responses["401"] = UNAUTHORIZED
+            if operation["operationId"] not in ANY_PRINCIPAL:
+                responses["403"] = FORBIDDEN
+            if operation["operationId"] in WRITES:
+                responses["429"] = ERRORS["429"]
 
 
 #: A topic message's offset (the websocket's frames carry it too).
@@ -249,6 +282,7 @@ def schemas() -> dict[str, Any]:
                 "progress",
                 "result",
                 "error",
+                "owner",
                 "created_at",
                 "scheduled_for",
                 "started_at",
@@ -277,8 +311,16 @@ def schemas() -> dict[str, Any]:
                     "properties": {
                         "type": {"type": "string"},
                         "message": {"type": "string"},
-                        "traceback": {"type": "string"},
+                        "traceback": {
+                            "type": ["string", "null"],
+                            "description": "null unless the caller may see tracebacks: auth"
+                            " off, or the scope jobs:admin",
+                        },
                     },
+                },
+                "owner": {
+                    "type": ["string", "null"],
+                    "description": "the principal that submitted the job; null with auth off",
                 },
                 "created_at": time,
                 "scheduled_for": maybe_time,
@@ -505,11 +547,23 @@ def _paths(submit_body: Any) -> dict[str, Any]:
 
 def document(request: web.Request) -> dict[str, Any]:
     """The OpenAPI description of the app that serves `request`."""
+    state = request.app[STATE]
+    paths = _paths(submit_body(state))
+    components: dict[str, Any] = {"schemas": schemas()}
+    if state.authenticator is not None:
+        _secure(paths)
+        components["securitySchemes"] = {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": f"a token of `[auth] mode = {state.settings.auth.mode!r}`",
+            }
+        }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {"title": "aioqueue", "version": package_version(), "description": DESCRIPTION},
-        "paths": _paths(submit_body(request.app[STATE])),
-        "components": {"schemas": schemas()},
+        "paths": paths,
+        "components": components,
     }
 
 

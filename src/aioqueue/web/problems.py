@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from aioqueue.errors import BrokerUnavailable, FieldError, NotReady, QueueFull, RequestError
+from aioqueue.errors import (
+    BrokerUnavailable,
+    FieldError,
+    NotReady,
+    QueueFull,
+    RateLimited,
+    RequestError,
+    Unauthorized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +58,15 @@ def problem(
 
 def render(exc: Exception) -> web.Response:
     """The problem document for any exception a handler let escape."""
+    if isinstance(exc, Unauthorized):
+        # RFC 6750 §3: the scheme to use, and `invalid_token` when the one given was refused.
+        challenge = 'Bearer realm="aioqueue"' + (', error="invalid_token"' if exc.given else "")
+        return problem(401, exc.title, exc.detail, headers={"WWW-Authenticate": challenge})
     if isinstance(exc, RequestError):
         errors = getattr(exc, "errors", None)
         return problem(exc.status, exc.title, exc.detail, errors)
-    if isinstance(exc, QueueFull):
-        retry = {"Retry-After": str(exc.retry_after)}
+    if isinstance(exc, QueueFull | RateLimited):
+        retry = {"Retry-After": str(math.ceil(exc.retry_after))}
         return problem(429, "Too many requests", str(exc), headers=retry)
     if isinstance(exc, BrokerUnavailable | NotReady):
         retry = {"Retry-After": str(exc.retry_after)}

@@ -25,6 +25,10 @@ ErrorCode = Literal[
     "too_large",
     "rate_limited",
     "offset_expired",
+    "unauthorized",
+    "token_expired",
+    "forbidden",
+    "too_many_connections",
 ]
 
 #: Every code an `error` frame carries, and what it means (Markdown: the README's table has the
@@ -43,8 +47,17 @@ ERRORS: dict[ErrorCode, str] = {
     "unavailable": "the broker is unreachable, or the service is starting or stopping (HTTP's 503)",
     "too_large": "a published message over `topics.max_message_bytes`, or a submit's args"
     " over `jobs.max_args_bytes`, as JSON (HTTP's 413)",
-    "rate_limited": "over `ws.max_publishes_per_second` on this connection; `retry_after` says"
-    " in how many seconds there is room (HTTP's 429)",
+    "rate_limited": "over `ws.max_publishes_per_second` on this connection, or over"
+    " `auth.max_submits_per_second` of the principal; `retry_after` says in how many seconds"
+    " there is room (HTTP's 429)",
+    "unauthorized": "an op before `auth`, or an `auth` whose token is refused (then the"
+    " connection closes with 1008) (HTTP's 401)",
+    "token_expired": "the connection's JWT expired: send a new `auth` within `ws.auth_timeout`"
+    " seconds, or it closes with 1008",
+    "forbidden": "the principal's scopes do not allow this op on this job, task or topic"
+    " (HTTP's 403)",
+    "too_many_connections": "the principal has `auth.max_websockets` open already; the"
+    " connection closes with 1013",
     "offset_expired": "(not a refusal) the messages right after `since` are past the retention:"
     " `first` is the oldest one kept, and the subscription goes on from it",
 }

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from aioqueue.auth import Authenticator, Principal, authenticator
 from aioqueue.config import Settings
 from aioqueue.errors import NotReady
 from aioqueue.tasks import Registry
 from aioqueue.web.connection import Connection
+from aioqueue.web.guard import Limits, authenticate
 from aioqueue.web.hub import Hub
 
 if TYPE_CHECKING:
@@ -33,9 +35,19 @@ class State:
     connections: set[Connection] = field(default_factory=set)
     #: Sync tasks' threads still running once the service closed.
     threads_left: int = 0
+    #: None with auth off.
+    authenticator: Authenticator | None = field(init=False)
+    limits: Limits = field(init=False)
 
     def __post_init__(self) -> None:
-        self.hub = Hub(self.settings.topics.max_catch_ups)
+        auth = self.settings.auth
+        self.hub = Hub(self.settings.topics.max_catch_ups, tracebacks=auth.mode == "none")
+        self.authenticator = authenticator(auth)  # ConfigError for a key it cannot use
+        self.limits = Limits(auth)
+
+    def caller(self, request: web.Request) -> Principal:
+        """Who sent the request (its `Authorization` header); `Unauthorized` (401) if nobody."""
+        return authenticate(self.authenticator, request.headers.get("Authorization"))
 
     def jobs(self) -> Jobs:
         """The producer side of the service; NotReady (503) before the service is built (its

@@ -8,9 +8,10 @@ frame.
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import logging
 import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,20 +19,27 @@ import orjson
 from aiohttp import WSMsgType, web
 
 from aioqueue import compactjson
+from aioqueue.auth import ANONYMOUS, Principal, bearer
 from aioqueue.config import normal_origin
 from aioqueue.errors import (
     BrokerUnavailable,
     Conflict,
+    Forbidden,
     InvalidRequest,
     NotFound,
     NotReady,
     PayloadTooLarge,
     QueueFull,
+    RateLimited,
+    RequestError,
+    TokenExpired,
+    Unauthorized,
 )
-from aioqueue.topics import check_pattern
-from aioqueue.web.connection import CLOSE_TIMEOUT, Connection
+from aioqueue.topics import check_pattern, check_topic
+from aioqueue.web.browsers import normal_origins
+from aioqueue.web.connection import CLOSE_SLOW, CLOSE_TIMEOUT, Connection
 from aioqueue.web.hub import job_frame
-from aioqueue.web.problems import problem
+from aioqueue.web.problems import problem, render
 from aioqueue.web.protocol import SNAPSHOT, ErrorCode
 from aioqueue.web.state import STATE, State
 
@@ -41,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: each client that does not read hold megabytes before the hub notices (G5).
 SEND_BUFFER_BYTES = 128 * 1024
 
+
+#: Close code for a connection that did not authenticate in time, or with a refused token.
+CLOSE_POLICY = 1008
 
 #: Hosts a browser page may always open the websocket from (a developer's own machine).
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -58,15 +69,9 @@ def origin_refused(request: web.Request, allowed: tuple[str, ...]) -> str | None
     parts = urlsplit(normal)
     if parts.hostname in LOCAL_HOSTS:
         return None
-    if parts.netloc == request.host.lower() or normal in _normal_origins(allowed):
+    if parts.netloc == request.host.lower() or normal in normal_origins(allowed):
         return None
     return f"websockets from {normal} are not allowed (ws.allowed_origins)"
-
-
-@functools.cache
-def _normal_origins(allowed: tuple[str, ...]) -> frozenset[str | None]:
-    """`ws.allowed_origins` as `normal_origin` writes them: once, not at every handshake."""
-    return frozenset(normal_origin(origin) for origin in allowed)
 
 
 class FrameError(Exception):
@@ -77,6 +82,29 @@ class FrameError(Exception):
         self.extra = extra
 
 
+#: The subprotocol a browser offers, beside `bearer.TOKEN`, to send its token in the handshake
+#: (`new WebSocket(url, ["aioqueue", "bearer." + token])`): the server selects it.
+SUBPROTOCOL = "aioqueue"
+_BEARER_PROTOCOL = "bearer."
+
+
+def handshake_token(request: web.Request) -> str | None:
+    """The token of the handshake: its `Authorization` header, or a `bearer.TOKEN`
+    subprotocol; None if it has neither. Raises `Unauthorized` for a malformed one."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return bearer(header)
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    tokens = [p[len(_BEARER_PROTOCOL) :] for p in offered if p.startswith(_BEARER_PROTOCOL)]
+    if not tokens:
+        return None
+    if SUBPROTOCOL not in offered:
+        # A browser fails a handshake whose answer selects none of the protocols it offered,
+        # and aiohttp would log the offered list, token included.
+        raise Unauthorized(f"offer the subprotocol {SUBPROTOCOL!r} beside 'bearer.TOKEN'")
+    return tokens[0]
+
+
 async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     refused = origin_refused(request, state.settings.ws.allowed_origins)
@@ -84,7 +112,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # Cross-site websocket hijacking: a page elsewhere opening this socket with the
         # browser's cookies. Only browsers send Origin, and they cannot forge it.
         return problem(403, "Forbidden", refused)
+    who: Principal | None = ANONYMOUS
+    if state.authenticator is not None:
+        try:
+            token = handshake_token(request)
+            who = None if token is None else state.authenticator.authenticate(token)
+        except Unauthorized as exc:
+            return render(exc)
     ws = web.WebSocketResponse(
+        protocols=(SUBPROTOCOL,),
         max_msg_size=state.settings.ws.max_frame_bytes,
         heartbeat=state.settings.ws.heartbeat,
         timeout=CLOSE_TIMEOUT,
@@ -94,20 +130,59 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         # frames are small JSON; Centrifugo leaves compression off by default for the same reason.
         compress=False,
     )
+    limits = state.settings.ws
+    conn = Connection(ws, limits.send_buffer, limits.max_publishes_per_second, request.transport)
+    if who is not None and (refused := state.limits.websocket_refused(who, conn)) is not None:
+        return problem(429, "Too many requests", refused, headers={"Retry-After": "1"})
     await ws.prepare(request)
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    limits = state.settings.ws
-    conn = Connection(ws, limits.send_buffer, limits.max_publishes_per_second, request.transport)
     state.connections.add(conn)
+    _signed_in(state, conn, who)
     try:
         await conn.serve(_read_frames(state, conn))
     finally:
+        if conn.auth_timer is not None:
+            conn.auth_timer.cancel()
+        if conn.principal is not None:
+            state.limits.forget(conn.principal, conn)
         state.connections.discard(conn)
         state.hub.drop(conn)
         await conn.drain()
     return ws
+
+
+def _signed_in(state: State, conn: Connection, who: Principal | None) -> None:
+    """`who` is now on the other end of `conn` (None: nobody yet, who must authenticate within
+    `ws.auth_timeout`); when its credentials expire, it is told so, and given as long again."""
+    conn.principal = who
+    if who is not None:
+        conn.identity = who.name
+    if conn.auth_timer is not None:
+        conn.auth_timer.cancel()
+    loop = asyncio.get_running_loop()
+    if who is None:
+        conn.auth_timer = loop.call_later(
+            state.settings.ws.auth_timeout,
+            conn.close,
+            CLOSE_POLICY,
+            "not authenticated within ws.auth_timeout",
+        )
+    elif who.expires_at is not None:
+        left = who.expires_at + state.settings.auth.jwt_leeway - time.time()
+        conn.auth_timer = loop.call_later(max(0.0, left), _expired, state, conn)
+    else:
+        conn.auth_timer = None
+
+
+def _expired(state: State, conn: Connection) -> None:
+    seconds = state.settings.ws.auth_timeout
+    message = f"the token has expired; send a new 'auth' within {seconds:g} s"
+    _send(conn, _error("token_expired", message))
+    if conn.principal is not None:
+        state.limits.forget(conn.principal, conn)
+    _signed_in(state, conn, None)
 
 
 async def _read_frames(state: State, conn: Connection) -> None:
@@ -135,6 +210,8 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
             raise FrameError("unknown_op", f"unknown op {op!r}; ops are {', '.join(OPS)}")
+        if conn.principal is None and op != "auth":
+            raise FrameError("unauthorized", 'authenticate first: {"op": "auth", "token": ...}')
         for reply in await handler(state, conn, frame):
             _send(conn, reply, frame_id)
     except orjson.JSONDecodeError as exc:
@@ -145,6 +222,20 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         _send(conn, _error("unavailable", f"try again shortly: {exc}"), frame_id)
     except QueueFull as exc:
         _send(conn, _error("queue_full", f"try again shortly: {exc}"), frame_id)
+    except RateLimited as exc:
+        wait = round(exc.retry_after, 3)
+        _send(conn, _error("rate_limited", str(exc), retry_after=wait), frame_id)
+    except RequestError as exc:  # the policy's refusals (auth.py)
+        _send(conn, _error(_CODES.get(type(exc), "bad_frame"), exc.detail), frame_id)
+
+
+#: The frame code of each refusal of the access policy (`Principal.check_*`).
+_CODES: dict[type[RequestError], ErrorCode] = {
+    Unauthorized: "unauthorized",
+    TokenExpired: "token_expired",
+    Forbidden: "forbidden",
+    NotFound: "not_found",
+}
 
 
 def _send(conn: Connection, reply: dict[str, Any] | bytes, frame_id: Any = None) -> None:
@@ -189,10 +280,11 @@ def _since(frame: dict[str, Any], channel: str) -> int | None:
 async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
     channel = _channel(frame)
     since = _since(frame, channel)
-    limit = state.settings.ws.max_subscriptions
-    if channel not in conn.subscriptions and len(conn.subscriptions) >= limit:
-        raise FrameError("too_many_subscriptions", f"at most {limit} subscriptions per connection")
+    who = _principal(conn)
+    if channel not in conn.subscriptions:
+        _check_room(state, conn, who)
     if channel.startswith("topic:"):
+        who.check_subscribe(channel[6:])
         topics = state.topics()
         await topics.log.wait_position()  # where live begins: the reply says it
         # No await from here to the reply: it goes before every message of the channel.
@@ -200,13 +292,31 @@ async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> l
         # `since`: the offset the messages follow, to resubscribe with if the connection drops
         # before the first one comes (for a live subscription, the last one before it).
         return [{"type": "subscribed", "channel": channel, "since": sub.after}]
-    job = state.jobs().get(channel[4:])
-    if job is None:
-        raise FrameError("not_found", f"no job {channel[4:][:100]!r}")
+    job = state.jobs().known(channel[4:])
+    who.check_read(job)
     # Subscribing and taking the snapshot with no await in between: every later event follows
     # the snapshot, none is missed and none comes twice.
     state.hub.subscribe(conn, channel)
-    return [{"type": "subscribed", "channel": channel}, job_frame(channel, SNAPSHOT, job)]
+    snapshot = job_frame(channel, SNAPSHOT, job, state.hub.tracebacks)
+    return [{"type": "subscribed", "channel": channel}, snapshot]
+
+
+def _principal(conn: Connection) -> Principal:
+    assert conn.principal is not None, "_on_frame lets only `auth` through before it is set"
+    return conn.principal
+
+
+def _check_room(state: State, conn: Connection, who: Principal) -> None:
+    limit = state.settings.ws.max_subscriptions
+    if len(conn.subscriptions) >= limit:
+        raise FrameError("too_many_subscriptions", f"at most {limit} subscriptions per connection")
+    left = state.limits.subscriptions_left(who)
+    if left is not None and left <= 0:
+        most = state.settings.auth.max_subscriptions
+        raise FrameError(
+            "too_many_subscriptions",
+            f"at most {most} subscriptions per principal (auth.max_subscriptions)",
+        )
 
 
 async def _unsubscribe(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
@@ -221,9 +331,13 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
     body = frame.get("job")
     if not isinstance(body, dict):
         raise FrameError("invalid_job", "'job' must be an object: the submit body")
+    who = _principal(conn)
+    state.limits.check_write(who)
+    if isinstance(body.get("task"), str):
+        who.check_submit(body["task"])
     jobs = state.jobs()
     try:
-        job, created = await jobs.submit_once(body)
+        job, created = await jobs.submit_once(body, owner=who.name)
     except InvalidRequest as exc:
         errors = [error.to_dict() for error in exc.errors]
         raise FrameError("invalid_job", exc.detail, errors=errors) from None
@@ -234,11 +348,36 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
     except PayloadTooLarge as exc:
         raise FrameError("too_large", exc.detail) from None
     # `created`: False for a repeated idempotency key, whose first job this is (HTTP's 200).
-    return [{"type": "submitted", "job": job.to_dict(), "created": created}]
+    record = job.to_dict(traceback=who.sees_everything)
+    return [{"type": "submitted", "job": record, "created": created}]
 
 
 async def _ping(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
     return [{"type": "pong"}]
+
+
+async def _auth(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
+    """Authenticate, or again with fresh credentials (a JWT about to expire) as the same
+    principal: a websocket never changes hands, since its subscriptions were checked for it."""
+    token = frame.get("token")
+    if not isinstance(token, str) or not token:
+        raise FrameError("bad_frame", "'token' must be a non-empty string: the bearer token")
+    if state.authenticator is None:
+        return [{"type": "authenticated", "principal": None}]
+    try:
+        who = state.authenticator.authenticate(token)
+    except Unauthorized:
+        if conn.principal is None:  # one guess per connection
+            conn.close(CLOSE_POLICY, "authentication failed")
+        raise
+    if conn.identity is not None and conn.identity != who.name:
+        raise FrameError("forbidden", "a websocket keeps its principal; open another one")
+    if conn.principal is None and (refused := state.limits.websocket_refused(who, conn)):
+        _send(conn, _error("too_many_connections", refused))
+        conn.close(CLOSE_SLOW, "too many websockets for this principal")
+        return []
+    _signed_in(state, conn, who)
+    return [{"type": "authenticated", "principal": who.name}]
 
 
 async def _publish(state: State, conn: Connection, frame: dict[str, Any]) -> list[Any]:
@@ -256,7 +395,11 @@ async def _publish(state: State, conn: Connection, frame: dict[str, Any]) -> lis
             f" try again in {wait:.2f} s",
             retry_after=round(wait, 3),
         )
+    who = _principal(conn)
+    state.limits.check_write(who)
     try:
+        check_topic(topic)
+        who.check_publish(topic)
         offset = await state.topics().publish(topic, frame["data"])
     except InvalidRequest as exc:
         raise FrameError("bad_frame", exc.detail) from None
@@ -271,4 +414,5 @@ OPS = {
     "submit": _submit,
     "publish": _publish,
     "ping": _ping,
+    "auth": _auth,
 }
