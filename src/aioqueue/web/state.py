@@ -13,8 +13,8 @@ from aioqueue.config import Settings
 from aioqueue.errors import NotReady
 from aioqueue.tasks import Registry
 from aioqueue.web.connection import Connection
-from aioqueue.web.guard import Limits, authenticate
 from aioqueue.web.hub import Hub
+from aioqueue.web.principals import Limits, authenticate
 
 if TYPE_CHECKING:
     from aioqueue.producer import Jobs
