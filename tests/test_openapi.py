@@ -3,7 +3,9 @@ none it does not), and task argument schemas that accept exactly what the submit
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -91,6 +93,19 @@ async def test_the_submit_body_has_one_branch_per_task_with_every_field(client: 
         # trusts it; one the description has but the server refuses, the fuzz run would find.
         assert set(branch["properties"]) == submission.FIELDS
         assert branch["additionalProperties"] is False
+
+
+async def test_the_readyz_body_is_the_one_described(client: Client) -> None:
+    schema = (await fetch(client))["components"]["schemas"]["Ready"]
+    validator = jsonschema_rs.Draft202012Validator(schema)
+    deadline = time.monotonic() + 10
+    while (response := await client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        await asyncio.sleep(0.01)
+    body = await response.json()
+    assert body == {"status": "ready", "stuck_threads": 0}
+    assert validator.is_valid(body)
+    assert not validator.is_valid({"status": "ready"})  # the count is always there
 
 
 SAMPLES: list[Any] = [

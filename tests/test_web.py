@@ -221,7 +221,7 @@ async def test_tasks_are_described(client: Client) -> None:
 
 async def test_health_and_readiness(job_client: Client) -> None:
     assert (await job_client.get("/healthz")).status == 200
-    assert await (await job_client.get("/readyz")).json() == {"status": "ready"}
+    assert await (await job_client.get("/readyz")).json() == {"status": "ready", "stuck_threads": 0}
 
 
 # Websocket ----------------------------------------------------------------------------------

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import random
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -35,7 +36,7 @@ from aioqueue.context import Context, SyncContext
 from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Dead, Failed, JobSpec, Progress, Retrying, Started, Succeeded
-from aioqueue.gate import PriorityGate
+from aioqueue.gate import NoSlot, PriorityGate, Slot
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
 from aioqueue.tasks import Task
@@ -121,10 +122,13 @@ class Runner:
         store: JobStore,
         submit: SubmitFn,
         publish: PublishFn,
-        threads: int,
         concurrency: int,
         max_wait: float,
+        give_back_after: float | None = None,
     ) -> None:
+        """`concurrency` jobs of each queue run at once; a job waiting for a slot goes first
+        after `max_wait` seconds, and, with `give_back_after`, goes back to the broker after that
+        long if every slot of its queue is held by a stuck thread (see `stuck_threads`)."""
         self._tasks = tasks
         self._defaults = defaults
         self._log = log
@@ -132,18 +136,36 @@ class Runner:
         self._store = store
         self._submit = submit
         self._publish = publish
+        # A sync job's thread, stuck or not, holds a slot of its queue (`_in_thread`), so a
+        # thread for every slot of every queue with a sync task is enough, and a queue whose
+        # threads are all stuck can never take the threads of another.
+        sync_queues = {task.queue for task in tasks.values() if not task.is_async}
+        threads = max(1, concurrency * len(sync_queues))
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="aioqueue-task")
         #: The jobs running in this process, by id.
         self.running: dict[str, asyncio.Task[Any]] = {}
-        #: Sync tasks still running in a thread (a thread cannot be stopped).
+        #: Sync tasks still running in a thread (a thread cannot be stopped), stuck or not.
         self.busy_threads = 0
         #: Per queue: which of the jobs this process holds starts next, `concurrency` at once.
         self._gates: collections.defaultdict[str, PriorityGate] = collections.defaultdict(
-            lambda: PriorityGate(concurrency, max_wait)
+            lambda: PriorityGate(concurrency, max_wait, give_back_after)
         )
         self._stopping = False
         self._draining = False
         store.listeners.append(self._on_change)
+
+    @property
+    def stuck_threads(self) -> int:
+        """Threads of sync tasks whose attempt is over (timed out, cancelled, or cut off by a
+        shutdown) but that still run. Each holds a slot of its job's queue until it returns: a
+        queue with as many as `broker.prefetch` runs nothing more in this process. Read by
+        /readyz (and metrics); only a restart reclaims a thread that never returns."""
+        return sum(gate.kept for gate in self._gates.values())
+
+    @property
+    def stuck_threads_by_queue(self) -> dict[str, int]:
+        """`stuck_threads` by queue, for the queues that have any."""
+        return {queue: gate.kept for queue, gate in self._gates.items() if gate.kept}
 
     def _on_change(self, event: str, job: Job) -> None:
         """A cancel, from whichever process, stops the job if it runs here."""
@@ -157,6 +179,9 @@ class Runner:
     async def drain(self, grace: float) -> int:
         """Let running jobs finish for `grace` seconds; cancel and requeue the rest."""
         self._stopping = True  # jobs waiting for a slot go back rather than start
+        for gate in self._gates.values():
+            # At once, not as slots come free: slots kept by stuck threads may never be.
+            gate.shut()
         running = list(self.running.values())
         if not running:
             return 0
@@ -178,16 +203,25 @@ class Runner:
             await self._broker.dead_letter(delivery.body, f"undecodable: {exc}")
             await delivery.ack()
             return
-        async with self._gates[spec.queue].slot(spec.priority):
-            if self._stopping:
-                await delivery.requeue()
-                return
-            await self._settle(delivery, spec)
+        try:
+            async with self._gates[spec.queue].slot(spec.priority) as slot:
+                if self._stopping:
+                    await delivery.requeue()
+                    return
+                await self._settle(delivery, spec, slot)
+        except NoSlot as exc:
+            if not self._stopping:
+                # Every slot of the queue is held by a stuck thread: RabbitMQ's consumer_timeout
+                # would close the channel under this message; another process may run it.
+                logger.warning(
+                    "job %s: queue %s: %s; given back to the broker", spec.id, spec.queue, exc
+                )
+            await delivery.requeue()
 
-    async def _settle(self, delivery: Delivery, spec: JobSpec) -> None:
+    async def _settle(self, delivery: Delivery, spec: JobSpec, slot: Slot) -> None:
         """Handle a job message, and ack or requeue it whatever happens."""
         try:
-            await self._handle(delivery, spec)
+            await self._handle(delivery, spec, slot)
         except asyncio.CancelledError:
             job = self._store.get(spec.id)
             if job is not None and job.status is JobStatus.CANCELLED:
@@ -220,7 +254,7 @@ class Runner:
         error = {"type": "DeadLetter", "message": f"dead-lettered by the broker: {reason}"}
         await self._log.append(Dead(spec.id, spec.attempt, error))
 
-    async def _handle(self, delivery: Delivery, spec: JobSpec) -> None:
+    async def _handle(self, delivery: Delivery, spec: JobSpec, slot: Slot) -> None:
         """Catch up with the log, decide (`admission.admit`), act."""
         job_id = spec.id
         if self._store.is_duplicate(job_id):
@@ -240,7 +274,7 @@ class Runner:
                 return
             job = self._store.get(job_id)
             decision = admit(job, message, FirstCopy.ENDED, task_known, time.time())
-        await self._act(decision, delivery, spec)
+        await self._act(decision, delivery, spec, slot)
 
     async def _catch_up(self, job_id: str, message: Message) -> Job | None:
         """The job's record once the store has applied what the message implies it knows."""
@@ -272,13 +306,13 @@ class Runner:
             )
         return bool(done)
 
-    async def _act(self, decision: Decision, delivery: Delivery, spec: JobSpec) -> None:
+    async def _act(self, decision: Decision, delivery: Delivery, spec: JobSpec, slot: Slot) -> None:
         job_id, attempt = spec.id, spec.attempt
         admission = decision.admission
         if admission is Admission.RUN:
             # Not awaited: the outcome, which is, implies the start (see jobs.TARGET).
             self._log.emit(Started(job_id, attempt))
-            await self._run(self._tasks[spec.task], spec, delivery.body)
+            await self._run(self._tasks[spec.task], spec, delivery.body, slot)
         elif admission is Admission.REQUEUE:
             logger.info("job %s attempt %d: requeued, %s", job_id, attempt, decision.reason)
             await delivery.requeue()
@@ -298,13 +332,13 @@ class Runner:
             logger.info("job %s attempt %d: not run, %s", job_id, attempt, decision.reason)
         await delivery.ack()
 
-    async def _run(self, task: Task[Any, Any], spec: JobSpec, body: bytes) -> None:
+    async def _run(self, task: Task[Any, Any], spec: JobSpec, body: bytes, slot: Slot) -> None:
         job_id, attempt = spec.id, spec.attempt
         current = asyncio.current_task()
         assert current is not None
         self.running[job_id] = current
         try:
-            result = await self._call(task, spec)
+            result = await self._call(task, spec, slot)
             _check_json(result)
         except (asyncio.CancelledError, BrokerUnavailable):
             raise
@@ -317,7 +351,7 @@ class Runner:
         finally:
             self.running.pop(job_id, None)
 
-    async def _call(self, task: Task[Any, Any], spec: JobSpec) -> Any:
+    async def _call(self, task: Task[Any, Any], spec: JobSpec, slot: Slot) -> Any:
         positional, keyword = task.signature.bind(spec.args)
         hooks = _Hooks(self._log, self._submit, self._publish, spec)
         loop = asyncio.get_running_loop()
@@ -331,11 +365,67 @@ class Runner:
         async with asyncio.timeout(spec.timeout):
             if task.is_async:
                 return await task.fn(*positional, **keyword)
-            # A thread cannot be stopped: at the timeout the job fails, the thread runs on.
-            call = functools.partial(self._in_thread, task.fn, positional, keyword)
-            return await loop.run_in_executor(self._executor, call)
+            call = functools.partial(self._count_busy, task.fn, positional, keyword)
+            return await self._in_thread(call, task, spec, slot)
 
-    def _in_thread(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
+    async def _in_thread(
+        self, call: Callable[[], Any], task: Task[Any, Any], spec: JobSpec, slot: Slot
+    ) -> Any:
+        """Run `call` in the pool. A thread cannot be stopped: if the attempt ends first (its
+        timeout, a cancel, a shutdown), its outcome is recorded as ever and the thread runs on,
+        stuck, keeping its queue's slot until it returns. So a queue's threads, stuck or not,
+        never outnumber its slots: a task that loops for ever, attempt after attempt, stops its
+        own queue in this process, and never takes the threads of another."""
+        started = time.monotonic()
+        thread: Future[Any] = self._executor.submit(call)
+        try:
+            return await asyncio.wrap_future(thread)
+        finally:
+            # A thread that had not started yet never will (cancel() is True).
+            if not thread.done() and not thread.cancel():
+                self._stuck(thread, task, spec, slot, time.monotonic() - started)
+
+    def _stuck(
+        self, thread: Future[Any], task: Task[Any, Any], spec: JobSpec, slot: Slot, ran: float
+    ) -> None:
+        give_back = slot.keep()
+        since = time.monotonic()
+        # One line when a thread is stuck, one when it returns: as many as a queue has slots.
+        logger.warning(
+            "job %s attempt %d (task %s): the attempt ended after %.1f s (timeout %g s) but its"
+            " thread runs on, holding a slot of queue %s until it returns (%d stuck threads)",
+            spec.id,
+            spec.attempt,
+            task.name,
+            ran,
+            spec.timeout,
+            spec.queue,
+            self.stuck_threads,
+        )
+        loop = asyncio.get_running_loop()
+
+        def back() -> None:
+            give_back()
+            logger.info(
+                "job %s attempt %d (task %s): its thread returned after %.1f s stuck; queue %s has"
+                " its slot back (%d stuck threads left)",
+                spec.id,
+                spec.attempt,
+                task.name,
+                time.monotonic() - since,
+                spec.queue,
+                self.stuck_threads,
+            )
+
+        def returned(_: Future[Any]) -> None:
+            # In the thread, or here if it returned meanwhile. A loop already closed (the
+            # process stops) has no slots left to give back.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(back)
+
+        thread.add_done_callback(returned)
+
+    def _count_busy(self, fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
         self.busy_threads += 1  # a GIL-atomic enough counter: only read to decide an exit
         try:
             return fn(*args, **kwargs)

@@ -145,10 +145,13 @@ class Service:
             self.store,
             submit=lambda body, owner: self.jobs.submit(body, owner=owner),
             publish=self.topics.publish,
-            threads=max(4, settings.broker.prefetch * len(registry.queues)),
             concurrency=settings.broker.prefetch,
             # Lower priorities are delayed, not held until the broker's consumer_timeout.
             max_wait=settings.broker.consumer_timeout / 4,
+            # Nor are jobs behind a queue whose every slot is held by a stuck thread: RabbitMQ
+            # would close their channel (a reconnect), and another process may have room. On
+            # memory:// there is no other process, and no consumer_timeout: they wait.
+            give_back_after=settings.broker.consumer_timeout / 4 if self.broker.durable else None,
         )
         self._background: list[asyncio.Task[None]] = []
 

@@ -222,6 +222,7 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 async def readyz(request: web.Request) -> web.StreamResponse:
     service = request.app[STATE].service
     reason = "starting" if service is None else service.problem()
-    if reason is not None:
-        return problem(503, "Not ready", reason, headers={"Retry-After": "1"})
-    return json_response({"status": "ready"})
+    if service is None or reason is not None:
+        return problem(503, "Not ready", reason or "starting", headers={"Retry-After": "1"})
+    # Ready whatever the count: stuck threads stop their queues' jobs here, not the HTTP API.
+    return json_response({"status": "ready", "stuck_threads": service.runner.stuck_threads})

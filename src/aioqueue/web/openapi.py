@@ -372,6 +372,20 @@ def schemas() -> dict[str, Any]:
             "required": ["status"],
             "properties": {"status": {"type": "string"}},
         },
+        "Ready": {
+            "type": "object",
+            "required": ["status", "stuck_threads"],
+            "properties": {
+                "status": {"const": "ready"},
+                "stuck_threads": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "threads of sync tasks whose attempt is over (timed out,"
+                    " cancelled) but that still run; each holds a slot of its job's queue until"
+                    " it returns, and only a restart reclaims one that never does",
+                },
+            },
+        },
         "Published": {
             "type": "object",
             "required": ["topic", "offset"],
@@ -522,7 +536,7 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "operationId": "readyz",
                 "summary": "Broker connected, topology declared, consumers running",
                 "responses": {
-                    "200": _ok("ready", _ref("Status")),
+                    "200": _ok("ready, with the count of stuck threads", _ref("Ready")),
                     **_errors(400),
                     "503": _problem("not ready; `detail` says why", retry_after=True),
                 },
