@@ -27,10 +27,18 @@ STORE_DIR = Path(tempfile.gettempdir()) / f"aioqueue-test-stores-{os.getpid()}"
 class ServeProcess:
     """`aioqueue serve tests.apps:app` with its own environment; `url` once it listens."""
 
-    def __init__(self, broker_url: str, prefix: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        prefix: str,
+        env: dict[str, str] | None = None,
+        *,
+        nofile: tuple[int, int] | None = None,
+    ) -> None:
         self.broker_url = broker_url
         self.prefix = prefix
         self.extra_env = env or {}
+        self.nofile = nofile  # the (soft, hard) RLIMIT_NOFILE to start it with
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path: Path | None = None
@@ -50,11 +58,23 @@ class ServeProcess:
         env.update(self.extra_env)
         return env
 
+    def command(self) -> list[str]:
+        serve = [sys.executable, "-m", "aioqueue", "serve", "--log-level", "debug"]
+        if self.nofile is None:
+            return serve
+        # Set in a process that then becomes `aioqueue serve` (same pid), not in a preexec_fn,
+        # which is unsafe in a test process that runs threads.
+        limit = (
+            f"import os, resource; resource.setrlimit(resource.RLIMIT_NOFILE, {self.nofile!r});"
+            f" os.execv({sys.executable!r}, {serve!r})"
+        )
+        return [sys.executable, "-c", limit]
+
     def start(self, log_dir: Path, deadline: float = 30.0) -> ServeProcess:
         self.log_path = log_dir / f"serve-{self.prefix}-{time.monotonic_ns()}.log"
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "aioqueue", "serve", "--log-level", "debug"],
+                self.command(),
                 cwd=ROOT,
                 env=self.environ(),
                 stdout=log,

@@ -129,6 +129,9 @@ def test_unknown_override_key_is_an_error(tmp_path: Path) -> None:
         pytest.param("[http]\nport = 80.0", "http.port = 80.0", id="float-as-int"),
         pytest.param("[http]\nport = true", "http.port = True", id="bool-as-int"),
         pytest.param("[jobs]\ntimeout = true", "jobs.timeout = True", id="bool-as-float"),
+        pytest.param("[http]\nheader_timeout = 0", "http.header_timeout = 0", id="no-header-time"),
+        pytest.param("[http]\nkeepalive_timeout = -1", "http.keepalive_timeout = -1", id="no-idle"),
+        pytest.param("[http]\nmax_connections = 0", "http.max_connections = 0", id="no-conns"),
         pytest.param("[jobs]\ntimeout = 0", "jobs.timeout = 0", id="float-not-positive"),
         pytest.param("[jobs]\ntimeout = inf", "jobs.timeout = inf", id="float-infinite"),
         pytest.param("[broker]\nprefetch = 0", "broker.prefetch = 0", id="below-minimum"),
@@ -297,7 +300,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 6 + 8 + 8 + 3 + 7 + 4 + 13
+    assert "source" not in rows and len(rows) == 1 + 9 + 8 + 8 + 3 + 7 + 4 + 13
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:

@@ -121,7 +121,10 @@ class App:
         return None if job is None else job.to_dict()
 
     def mount(self, web_app: web.Application, settings: Settings | None = None) -> None:
-        """Serve aioqueue's API and run its consumers inside an existing aiohttp application."""
+        """Serve aioqueue's API and run its consumers inside an existing aiohttp application.
+
+        The application's server is yours: `http.header_timeout`, `keepalive_timeout`,
+        `max_connections` and the raised open-files limit are `aioqueue serve`'s alone."""
         from aioqueue.web.app import install
 
         install(web_app, self, settings or Settings(), bind=self._bind)

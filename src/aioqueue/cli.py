@@ -158,23 +158,73 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _connection_cap(settings: Settings) -> int:
+    """Raise the open-files limit, and say it; `http.max_connections`, lowered to fit it."""
+    from aioqueue import fdlimit
+
+    limit = fdlimit.raise_fd_limit()
+    if limit is None:
+        return settings.http.max_connections
+    if limit.error is not None:
+        logger.warning(
+            "open files limit: %d; could not raise it to %d: %s",
+            limit.soft,
+            limit.hard,
+            limit.error,
+        )
+    elif limit.before != limit.soft:
+        logger.info("open files limit: %d (raised from %d)", limit.soft, limit.before)
+    else:
+        logger.info("open files limit: %d (the hard limit)", limit.soft)
+    cap = fdlimit.connection_cap(settings.http.max_connections, limit)
+    if cap < settings.http.max_connections:
+        # Lowered, not only said: past the limit the broker's reconnects and the job store
+        # would fail too, not just the connections over it.
+        logger.warning(
+            "http.max_connections = %d is more than the open files limit (%d) allows: at most"
+            " %d connections at once; raise the limit (ulimit -n, LimitNOFILE=) to have more",
+            settings.http.max_connections,
+            limit.soft,
+            cap,
+        )
+    return cap
+
+
 async def _serve(settings: Settings) -> int:
     from aiohttp import web
 
     from aioqueue.service import check_timeouts
     from aioqueue.web.app import create_app, shutdown
     from aioqueue.web.browsers import is_loopback
+    from aioqueue.web.guard import ConnectionGuard
     from aioqueue.web.state import STATE
 
     app = load_app(settings.app)
     check_timeouts(app, settings)  # before listening: a one-line start-up error
+    max_connections = _connection_cap(settings)
     web_app = create_app(app, settings)
-    # Long polls still open once the jobs are drained are cut after a second.
-    runner = web.AppRunner(web_app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    # Long polls still open once the jobs are drained are cut after a second. The keep-alive
+    # timeout reaches each connection's RequestHandler through the runner's keyword arguments.
+    runner = web.AppRunner(
+        web_app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=1.0,
+        keepalive_timeout=settings.http.keepalive_timeout,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, settings.http.host, settings.http.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
+    assert runner.server is not None
+    # Not web.TCPSite, which listens with aiohttp's protocol factory itself: the guard wraps
+    # it with the header timeout and the connection cap (as TCPSite does, backlog 128).
+    guard = ConnectionGuard(
+        runner.server,
+        header_timeout=settings.http.header_timeout,
+        max_connections=max_connections,
+    )
+    listener = await asyncio.get_running_loop().create_server(
+        guard, settings.http.host, settings.http.port, backlog=128
+    )
+    host, port = listener.sockets[0].getsockname()[:2]
     print(f"aioqueue serving {settings.app} on http://{host}:{port}", flush=True)
     print(
         f"  broker: {redact(settings.broker.url)}; tasks: {', '.join(sorted(app.tasks))}",
@@ -204,6 +254,7 @@ async def _serve(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logger.info("stopping: no new jobs; running jobs get %.0f s", settings.jobs.shutdown_grace)
     await shutdown(web_app)  # HTTP still answers meanwhile: 503 to submits and /readyz
+    listener.close()  # no new connections (what TCPSite.stop does); the cleanup closes the rest
     await runner.cleanup()
     if web_app[STATE].threads_left:
         # A sync task's thread cannot be stopped, and would hold the interpreter's exit; its

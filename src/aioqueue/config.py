@@ -183,6 +183,14 @@ class HttpSettings:
     allowed_hosts: tuple[str, ...] = _key(
         (), tuple, 'expected a list of host names like ["api.example.com"], or ["*"]', _hosts_ok
     )
+    # The next three are `aioqueue serve`'s (web/guard.py, cli.py); under `App.mount` the
+    # application's own server decides. Seconds to receive a request's headers, from the connect
+    # or, on a kept-alive connection, from the request's first byte; then it is closed.
+    header_timeout: float = _float(5.0, 0, above=True)
+    # Seconds a kept-alive connection may wait after a response for the next request's headers.
+    keepalive_timeout: float = _float(15.0, 0, above=True)
+    # Open TCP connections at once, websockets included; more are closed at once on accept.
+    max_connections: int = _int(4096, 1)
 
 
 @dataclass(frozen=True, slots=True)
