@@ -18,6 +18,14 @@ word by word, never by trying topics: a scope's `#` takes any run of the subscri
 word only the same word. A subscription's `#` can be covered only by a scope's `#`, and its `*`
 only by a scope's `*` or `#`. Runs of wildcards are first written in one order (`#.*` is `*.#`:
 both are "one or more words"), so that two ways of writing one pattern cover each other.
+Like RabbitMQ, the rule counts the empty routing key as a match of `#`: so `*.#` does not cover
+`#`, though no topic name is empty.
+
+The rule never allows a topic the scope does not match. It is exact when the scope or the
+subscription has no `#`; when both have, it may refuse a subscription that is in fact covered,
+since a subscription's `#` must fall inside a scope's `#`: `*.#` does not cover `#.a`, though
+every topic that ends in `a` has a first word. Such a client subscribes as its scope is
+written. `tests/test_scopes.py` checks both claims against brute force.
 """
 
 from __future__ import annotations

@@ -176,6 +176,11 @@ def _signed_in(state: State, conn: Connection, who: Principal | None) -> None:
         conn.auth_timer = None
 
 
+def _close_soon(conn: Connection, code: int, reason: str) -> None:
+    """Close `conn` after the reply to the frame being handled is sent."""
+    asyncio.get_running_loop().call_soon(conn.close, code, reason)
+
+
 def _expired(state: State, conn: Connection) -> None:
     seconds = state.settings.ws.auth_timeout
     message = f"the token has expired; send a new 'auth' within {seconds:g} s"
@@ -367,15 +372,14 @@ async def _auth(state: State, conn: Connection, frame: dict[str, Any]) -> list[A
     try:
         who = state.authenticator.authenticate(token)
     except Unauthorized:
-        if conn.principal is None:  # one guess per connection
-            conn.close(CLOSE_POLICY, "authentication failed")
+        if conn.principal is None:  # one guess per connection, closed once the error is sent
+            _close_soon(conn, CLOSE_POLICY, "authentication failed")
         raise
     if conn.identity is not None and conn.identity != who.name:
         raise FrameError("forbidden", "a websocket keeps its principal; open another one")
     if conn.principal is None and (refused := state.limits.websocket_refused(who, conn)):
-        _send(conn, _error("too_many_connections", refused))
-        conn.close(CLOSE_SLOW, "too many websockets for this principal")
-        return []
+        _close_soon(conn, CLOSE_SLOW, "too many websockets for this principal")
+        raise FrameError("too_many_connections", refused)
     _signed_in(state, conn, who)
     return [{"type": "authenticated", "principal": who.name}]
 
