@@ -12,6 +12,7 @@ AioqueueError
 │   ├── PayloadTooLarge                413
 │   └── UnsupportedMediaType           415
 ├── QueueFull                          429: the queue is at broker.max_queue_length
+│   └── StoreFull                      429: unfinished jobs fill store.max_bytes
 ├── BrokerUnavailable                  503: the broker is down or did not confirm in time
 └── NotReady                           503: the service is starting or stopping
 ```
@@ -98,6 +99,13 @@ class QueueFull(AioqueueError):
     """The job's queue holds `broker.max_queue_length` jobs already: the job was not accepted."""
 
     retry_after = 1
+
+
+class StoreFull(QueueFull):
+    """The job store holds `store.max_bytes` of jobs that are not finished (finished ones are
+    forgotten first): the job was not accepted. A full queue's kin: the same 429 and
+    `queue_full`, since a client does the same about either (try later), and the service is
+    not unavailable (it serves every other request, and runs what it holds)."""
 
 
 class BrokerUnavailable(AioqueueError):
