@@ -53,6 +53,13 @@ async def always_fail(ctx: Context, message: str = "boom") -> None:
 
 
 @app.task(max_attempts=3, retry_backoff=0.2)
+async def big_result(ctx: Context, size: int) -> str:
+    """Returns `size` characters: over `jobs.max_result_bytes`, the job fails at once."""
+    _record(ctx)
+    return "x" * size
+
+
+@app.task(max_attempts=3, retry_backoff=0.2)
 async def fail_then_succeed(ctx: Context, failures: int = 1) -> int:
     if ctx.attempt <= failures:
         raise ConnectionError(f"attempt {ctx.attempt} fails")

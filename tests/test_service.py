@@ -196,13 +196,43 @@ async def test_a_task_past_its_timeout_is_cancelled_and_failed(make_service: Any
     assert time.monotonic() - started < 5
 
 
-async def test_a_result_that_is_not_json_fails_the_job(make_service: Any) -> None:
+async def test_a_result_that_is_not_json_fails_the_job_without_a_retry(make_service: Any) -> None:
+    """The task ran to its end: another attempt would only repeat its work and its value."""
     service = await make_service(make_app([]))
-    job = await service.jobs.submit({"task": "unserialisable"})
+    job = await service.jobs.submit({"task": "unserialisable", "max_attempts": 3})
     done = await until_terminal(service, job.id)
-    assert done.status.value == "failed" and done.error is not None
+    assert (done.status.value, done.attempt) == ("failed", 1) and done.error is not None
     assert done.error["type"] == "TypeError"
     assert done.error["message"].startswith("the task returned a value that is not JSON")
+    assert await dead_letter_ids(service) == [job.id]
+
+
+async def test_a_result_over_max_result_bytes_fails_the_job_at_once(make_service: Any) -> None:
+    """jobs.max_result_bytes: a result of exactly that many bytes of JSON is kept; one byte
+    more, and the job fails at once (ResultTooLarge, no retry: the task would run again, side
+    effects and all, to return as much), its result kept nowhere."""
+    app = App()
+    runs: list[int] = []
+
+    @app.task(max_attempts=3, retry_backoff=0.0)
+    async def sized(ctx: Context, size: int) -> str:
+        runs.append(ctx.attempt)
+        return "x" * (size - 2)  # a JSON string: its quotes are 2 bytes
+
+    service = await make_service(app, max_result_bytes=1024)
+    fits = await service.jobs.submit({"task": "sized", "args": [1024]})
+    done = await until_terminal(service, fits.id)
+    assert (done.status.value, len(done.result)) == ("succeeded", 1022)
+    over = await service.jobs.submit({"task": "sized", "args": [1025]})
+    done = await until_terminal(service, over.id)
+    assert (done.status.value, done.attempt, done.result) == ("failed", 1, None)
+    assert done.error == {
+        "type": "ResultTooLarge",
+        "message": "the task returned 1025 bytes of JSON; at most 1024 are kept"
+        " (jobs.max_result_bytes): return a reference to the data (a URL, a key), not the data",
+    }
+    assert runs == [1, 1]
+    assert await dead_letter_ids(service) == [over.id]
 
 
 async def test_a_task_can_submit_another_job(make_service: Any) -> None:

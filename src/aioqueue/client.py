@@ -80,13 +80,20 @@ class Client:
         return result
 
     async def list_jobs(self, status: str | None, task: str | None, limit: int) -> dict[str, Any]:
+        """Up to `limit` jobs, newest first: `{"jobs", "next"}`. A page ends early at the
+        server's `http.max_list_bytes`, so this follows `next` until it has `limit` jobs."""
         params = {"limit": str(limit)}
         if status:
             params["status"] = status
         if task:
             params["task"] = task
-        result: dict[str, Any] = await self._call("GET", "/v1/jobs", params=params)
-        return result
+        jobs: list[Any] = []
+        while True:
+            page: dict[str, Any] = await self._call("GET", "/v1/jobs", params=params)
+            jobs += page["jobs"]
+            if page["next"] is None or len(jobs) >= limit:
+                return {"jobs": jobs, "next": page["next"]}
+            params |= {"limit": str(limit - len(jobs)), "cursor": page["next"]}
 
     async def submit_and_follow(self, body: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
         """Submit, then follow the job's events over the websocket until it is terminal."""

@@ -191,6 +191,9 @@ class HttpSettings:
     keepalive_timeout: float = _float(15.0, 0, above=True)
     # Open TCP connections at once, websockets included; more are closed at once on accept.
     max_connections: int = _int(4096, 1)
+    # A page of GET /v1/jobs stops before its body would pass this (it has one job at least):
+    # `limit=1000` of large jobs was a body of hundreds of MiB, built in memory at once.
+    max_list_bytes: int = _int(4 * 2**20, 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,8 @@ class JobsSettings:
     shutdown_grace: float = _float(30.0, 0)
     max_args_bytes: int = _int(262144, 64)  # a job's args as JSON; larger: 413 / `too_large`
     max_error_bytes: int = _int(16384, 256)  # an error's message, and its traceback, cut to this
+    # A task's result as JSON; larger: the job fails at once with ResultTooLarge (not retried).
+    max_result_bytes: int = _int(2**20, 64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +233,10 @@ class StoreSettings:
     dir: str = _key(".aioqueue", str, "expected a directory path", bool)
     checkpoint_interval: float = _float(300.0, 0, above=True)  # seconds between checkpoints
     log_max_bytes: int = _int(2 * 2**30, 2**20)  # the event log's retention on RabbitMQ, bytes
+    # Job state kept (each job's record as JSON, summed): past it, finished jobs are forgotten
+    # before their result_ttl, the earliest finished first; if unfinished ones fill it alone,
+    # submits get 429. RAM on memory://, disk per process (and in checkpoints) on RabbitMQ.
+    max_bytes: int = _int(2**30, 2**16)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ AioqueueError
 │   └── UnsupportedMediaType           415
 ├── QueueFull                          429: the queue is at broker.max_queue_length
 ├── RateLimited                        429: the principal is over auth.max_submits_per_second
+│   └── StoreFull                      429: unfinished jobs fill store.max_bytes
 ├── BrokerUnavailable                  503: the broker is down or did not confirm in time
 └── NotReady                           503: the service is starting or stopping
 ```
@@ -133,6 +134,13 @@ class RateLimited(AioqueueError):
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StoreFull(QueueFull):
+    """The job store holds `store.max_bytes` of jobs that are not finished (finished ones are
+    forgotten first): the job was not accepted. A full queue's kin: the same 429 and
+    `queue_full`, since a client does the same about either (try later), and the service is
+    not unavailable (it serves every other request, and runs what it holds)."""
 
 
 class BrokerUnavailable(AioqueueError):

@@ -22,16 +22,21 @@ from typing import Any
 
 import orjson
 
-from aioqueue import events
+from aioqueue import compactjson, events
 from aioqueue.broker.base import Broker, LogKind
 from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.events import CheckpointNote, Event, JobSpec, Rejected
+from aioqueue.events import encode as encode_event
 from aioqueue.store import JobStore
 
 logger = logging.getLogger(__name__)
 
 #: Events per log message at most; a batch also takes whole `append()` calls only.
 MAX_BATCH = 512
+#: Bytes of events per log message, at most (but one `append()` call's, whatever their size).
+#: An event may carry a result of `jobs.max_result_bytes`: 512 of them would pass RabbitMQ's
+#: `max_message_size` (128 MiB on 3.10), which refuses the message and closes the channel.
+MAX_BATCH_BYTES = 8 * 2**20
 #: Batches published and not yet confirmed and echoed, at most.
 MAX_IN_FLIGHT = 2
 #: Seconds between writes of the job store (its changes wait in memory meanwhile).
@@ -49,7 +54,8 @@ class EventLog:
         #: How long other writes wait for their echo; then they fail (BrokerUnavailable).
         self._write_timeout = write_timeout
         self._echoes: dict[str, asyncio.Future[None]] = {}
-        self._queue: list[tuple[tuple[Event, ...], asyncio.Future[None]]] = []
+        #: Appended and not yet taken into a batch: each call's events, encoded, and its waiter.
+        self._queue: list[tuple[list[bytes], asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -86,7 +92,7 @@ class EventLog:
                 spec = JobSpec.decode(body)
                 key = spec.id
                 self.applying_own = key in self._echoes
-                self._store.create(spec)
+                self._store.create(spec, len(body))
                 self.changes_applied += 1
             else:
                 entry = orjson.loads(body)
@@ -166,7 +172,10 @@ class EventLog:
         """Append events without waiting; the future says when (and whether) they are applied."""
         waiter = asyncio.get_running_loop().create_future()
         waiter.add_done_callback(_retrieve)
-        self._queue.append((events, waiter))
+        # Encoded now, so that a batch knows its bytes before it is written; each in a bytes
+        # object of its own size (orjson's buffer is 4 KiB at least), since appends pile up
+        # while the broker is away.
+        self._queue.append(([compactjson.dumps(encode_event(event)) for event in events], waiter))
         self._wake.set()
         return waiter
 
@@ -179,16 +188,17 @@ class EventLog:
         self._echoes[key] = echo
         return echo
 
-    def _take_batch(self) -> tuple[list[Event], list[asyncio.Future[None]]]:
-        batch: list[Event] = []
+    def _take_batch(self) -> tuple[list[bytes], list[asyncio.Future[None]]]:
+        batch: list[bytes] = []
         waiters: list[asyncio.Future[None]] = []
-        taken = 0
+        taken = size = 0
         for batch_events, waiter in self._queue:
-            if batch and len(batch) + len(batch_events) > MAX_BATCH:
+            grown = size + sum(len(event) + 1 for event in batch_events)
+            if batch and (len(batch) + len(batch_events) > MAX_BATCH or grown > MAX_BATCH_BYTES):
                 break
             batch.extend(batch_events)
             waiters.append(waiter)
-            taken += 1
+            taken, size = taken + 1, grown
         del self._queue[:taken]
         return batch, waiters
 
@@ -206,7 +216,7 @@ class EventLog:
                 task.add_done_callback(self._writes.discard)
 
     async def _write_and_settle(
-        self, batch: list[Event], waiters: list[asyncio.Future[None]]
+        self, batch: list[bytes], waiters: list[asyncio.Future[None]]
     ) -> None:
         # Whatever ends the write (a cancellation too), its waiters are settled: an unsettled
         # one would hang the job whose outcome it is.
@@ -223,12 +233,13 @@ class EventLog:
                 else:
                     waiter.set_exception(error)
 
-    async def _write(self, batch: list[Event]) -> BrokerUnavailable | None:
+    async def _write(self, batch: list[bytes]) -> BrokerUnavailable | None:
+        """Write encoded events as one log entry: `{"id": ..., "events": [...]}`."""
         batch_id = secrets.token_hex(8)
         echo = self._expect(batch_id)
         try:
-            body = {"id": batch_id, "events": [events.encode(event) for event in batch]}
-            await self._broker.append(orjson.dumps(body))
+            body = b'{"id":"%s","events":[%s]}' % (batch_id.encode(), b",".join(batch))
+            await self._broker.append(body)
             async with asyncio.timeout(self._write_timeout):
                 await echo
         except BrokerUnavailable as exc:

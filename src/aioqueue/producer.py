@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Generator
 from typing import Any
 
 from aioqueue.broker.base import Broker
 from aioqueue.config import Settings
-from aioqueue.errors import Conflict, NotFound
+from aioqueue.errors import Conflict, NotFound, StoreFull
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Cancelled, JobSpec, Retried
 from aioqueue.jobs import RETRYABLE, Job, JobStatus
@@ -71,6 +71,18 @@ class Jobs:
         self._check_open(False)
         return self._store.list(statuses, task, limit, cursor, owner)
 
+    def page(
+        self,
+        statuses: Collection[JobStatus] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        owner: str | None = None,
+    ) -> Generator[tuple[Job, str | None], None, None]:
+        """As `list`, one job at a time, each with the cursor after it (`JobStore.page`)."""
+        self._check_open(False)
+        return self._store.page(statuses, task, limit, cursor, owner)
+
     async def wait_terminal(self, job_id: str, within: float) -> Job:
         """The job once it is terminal, or as it is after `within` seconds; NotFound if unknown
         (or forgotten meanwhile)."""
@@ -123,12 +135,40 @@ class Jobs:
         return first, first.id == spec.id
 
     async def _publish(self, spec: JobSpec) -> Job:
+        await self._make_room()
         await self._log.submit(spec)  # BrokerUnavailable at once if the broker is unreachable
         job = self._store.get(spec.id)
         if job is None and spec.idempotency_key is not None:
             job = self._store.for_key(spec.idempotency_key, spec.owner)
         assert job is not None, "a submitted job is in the store once submit() returns"
         return job
+
+    def _retryable(self, job_id: str) -> Job:
+        job = self.known(job_id)
+        if job.status not in RETRYABLE:
+            raise Conflict(
+                f"the job is {job.status.value}; only failed, dead or cancelled jobs retry"
+            )
+        return job
+
+    async def _make_room(self, keep: str | None = None) -> None:
+        """StoreFull (429) if the job store keeps `store.max_bytes` of jobs that are not finished
+        (or the job `keep`, about to be run again).
+
+        Checked here, where a job is refused before anything is written, and not where the log
+        is applied: every process applies every entry, whatever its store holds. Finished jobs
+        make room first, the earliest finished first, before their result_ttl: a store full of
+        old results would otherwise refuse all new work for up to result_ttl (a day by default).
+        """
+        store = self._store
+        if store.full():
+            await store.make_room(keep)
+        if store.full():
+            raise StoreFull(
+                f"the job store keeps {store.kept_bytes} bytes of jobs that are not finished, at"
+                f" most {store.max_bytes} (store.max_bytes): not accepted, try again once some"
+                " finish"
+            )
 
     def _first_for(self, spec: JobSpec) -> Job | None:
         key = spec.idempotency_key
@@ -151,12 +191,11 @@ class Jobs:
 
     async def retry(self, job_id: str) -> Job:
         """Run a failed, dead or cancelled job again: same id, a new run from attempt 1."""
-        job = self.known(job_id)
-        if job.status not in RETRYABLE:
-            raise Conflict(
-                f"the job is {job.status.value}; only failed, dead or cancelled jobs retry"
-            )
+        job = self._retryable(job_id)
         self._check_open(True)
+        if self._store.full():
+            await self._make_room(keep=job_id)  # it will not be finished: it makes no room
+            job = self._retryable(job_id)  # retried meanwhile, from another request
         run = job.run + 1
         # The message first: a `retried` event is only written once the job can run. The
         # runner waits for the event when it gets a message of a newer run.

@@ -57,6 +57,8 @@ FIRST_COPY_MARGIN = 60.0
 #: Seconds at least that a retry refused by its full queue waits in the delay queues, which
 #: always take it; when due, it waits there for room. (RabbitMQ's delays are whole seconds.)
 FULL_QUEUE_RETRY_DELAY = 1.0
+#: Characters of a progress message kept; the rest is cut, with a marker.
+MAX_PROGRESS_MESSAGE = 1024
 #: What a message that dies before it runs is recorded as: error type, dead-letter reason.
 DEATHS = {
     Admission.EXPIRED: ("Expired", "expired"),
@@ -78,6 +80,10 @@ class _Hooks:
         self._owner = spec.owner
 
     async def progress(self, value: float, message: str | None) -> None:
+        # Each report is a log entry, pushed to every subscriber and kept with the job: a
+        # status line, not a payload (which is what the result is for).
+        if message is not None:
+            message = _cut(message, MAX_PROGRESS_MESSAGE, keep="start")
         await self._log.append(Progress(self._job_id, self._attempt, value, message))
 
     async def submit(self, task: str, args: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -339,7 +345,6 @@ class Runner:
         self.running[job_id] = current
         try:
             result = await self._call(task, spec, slot)
-            _check_json(result)
         except (asyncio.CancelledError, BrokerUnavailable):
             raise
         except Exception as exc:
@@ -347,7 +352,15 @@ class Runner:
             error = error_record(exc, message, self._defaults.max_error_bytes)
             await self._failed(task, spec, body, error)
         else:
-            await self._log.append(Succeeded(job_id, attempt, result))
+            unkept = result_error(result, self._defaults.max_result_bytes)
+            if unkept is None:
+                await self._log.append(Succeeded(job_id, attempt, result))
+            else:
+                # The task ran to its end, side effects and all: another attempt would do it
+                # all again to return the same kind of value. So the job fails now, as Celery
+                # fails a task whose result cannot be encoded (EncodeError), whatever is left
+                # of its attempts.
+                await self._failed(task, spec, body, unkept, last=True)
         finally:
             self.running.pop(job_id, None)
 
@@ -433,10 +446,17 @@ class Runner:
             self.busy_threads -= 1
 
     async def _failed(
-        self, task: Task[Any, Any], spec: JobSpec, body: bytes, error: dict[str, Any]
+        self,
+        task: Task[Any, Any],
+        spec: JobSpec,
+        body: bytes,
+        error: dict[str, Any],
+        last: bool = False,
     ) -> None:
+        """Record a failed attempt: the next one is published, or (the last attempt, or `last`)
+        the job fails and its message is dead-lettered."""
         job_id, attempt = spec.id, spec.attempt
-        if attempt >= spec.max_attempts:
+        if last or attempt >= spec.max_attempts:
             await self._broker.dead_letter(body, "failed")
             await self._log.append(Failed(job_id, attempt, error))
             return
@@ -476,11 +496,23 @@ class Runner:
         return round(delay / resolution) * resolution if resolution else delay
 
 
-def _check_json(result: Any) -> None:
+def result_error(result: Any, limit: int) -> dict[str, Any] | None:
+    """Why a task's result cannot be kept, as a failed job's error; None if it can: it is JSON,
+    and at most `limit` bytes of it (`jobs.max_result_bytes`: a result is kept for result_ttl,
+    in every process's store). No traceback: the fault is in the value, not in a line of code.
+    """
     try:
-        orjson.dumps(result)
-    except TypeError as exc:
-        raise TypeError(f"the task returned a value that is not JSON: {exc}") from None
+        size = len(orjson.dumps(result))
+    except TypeError as exc:  # orjson's JSONEncodeError is a TypeError
+        message = f"the task returned a value that is not JSON: {exc}"
+        return {"type": "TypeError", "message": message}
+    if size > limit:
+        return {
+            "type": "ResultTooLarge",
+            "message": f"the task returned {size} bytes of JSON; at most {limit} are kept"
+            " (jobs.max_result_bytes): return a reference to the data (a URL, a key), not the data",
+        }
+    return None
 
 
 def _timeout_message(exc: TimeoutError, spec: JobSpec) -> str:

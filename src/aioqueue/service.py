@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 #: Seconds one checkpoint call (find, fetch, write) may take.
 CHECKPOINT_CALL_TIMEOUT = 120.0
+#: Seconds between checks that the job store is under store.max_bytes (a comparison, unless
+#: it is not: then it forgets the earliest finished jobs).
+MAKE_ROOM_EVERY = 1.0
 
 
 def make_broker(
@@ -107,9 +110,11 @@ class Service:
         self.state = ServiceState.STARTING
         self.broker = make_broker(settings.broker, settings.store.log_max_bytes, settings.topics)
         self.store_file = claim_store_file(settings) if self.broker.durable else None
-        result_ttl = settings.jobs.result_ttl
+        result_ttl, max_bytes = settings.jobs.result_ttl, settings.store.max_bytes
         self.store = (
-            JobStore(result_ttl) if self.store_file is None else self.store_file.open(result_ttl)
+            JobStore(result_ttl, max_bytes=max_bytes)
+            if self.store_file is None
+            else self.store_file.open(result_ttl, max_bytes)
         )
         self.log = EventLog(
             self.broker,
@@ -241,8 +246,16 @@ class Service:
 
     async def _expire_forever(self) -> None:
         period = min(60.0, max(1.0, self.settings.jobs.result_ttl / 10))
+        loop = asyncio.get_running_loop()
+        due = loop.time() + period
         while True:
-            await asyncio.sleep(period)
+            # Every process applies every entry of the log, submits or not: each keeps its own
+            # store under store.max_bytes, checked more often than result_ttl's expiry is due.
+            await self.store.make_room()
+            await asyncio.sleep(MAKE_ROOM_EVERY)
+            if loop.time() < due:
+                continue
+            due = loop.time() + period
             expired = 0
             while (chunk := self.store.expire()) == EXPIRE_CHUNK:
                 expired += chunk

@@ -1,15 +1,19 @@
 """The queryable job state: every job the event log told of, kept in SQLite until it expires.
 
 Non-terminal jobs are kept however old they are; finished jobs are forgotten `result_ttl` seconds
-after they finished (G5). The state lives in SQLite (a file on RabbitMQ, `:memory:` otherwise),
-so that memory stays flat however many finished jobs `result_ttl` holds: a bounded LRU cache of
-decoded `Job` objects sits in front of it. Changes wait in memory, where every read finds them,
-until `write()` (the event log calls it every few tens of milliseconds), which writes them with the
-log offset they bring the store to in one transaction: a store on disk is always the state of
-some prefix of the log, and resumes from its `offset` after a restart.
+after they finished (G5), or earlier, the earliest finished first, when the store keeps more than
+`max_bytes` of job state (`make_room`); a job that is not finished is never forgotten, so when
+those alone fill the store it is `full()` and the producer refuses new jobs (the store itself
+never refuses to apply a log entry). The state lives in SQLite (a file on RabbitMQ, `:memory:`
+otherwise), so that memory stays flat however many finished jobs `result_ttl` holds: a bounded
+LRU cache of decoded `Job` objects sits in front of it. Changes wait in memory, where every read
+finds them, until `write()` (the event log calls it every few tens of milliseconds), which writes
+them with the log offset they bring the store to in one transaction: a store on disk is always
+the state of some prefix of the log, and resumes from its `offset` after a restart.
 
 Listing is newest first by creation, paged by an opaque cursor (the creation sequence number of
-the last job returned), so pages stay stable while jobs are added or expire.
+the last job returned), so pages stay stable while jobs are added or expire. A page is read one
+job at a time (`page`), so that a caller that stops early (at a byte bound) never holds the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Generator, Sequence
 from typing import Any
 
 import orjson
@@ -62,23 +66,41 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key)
 CREATE TABLE IF NOT EXISTS duplicates (id TEXT PRIMARY KEY, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
-#: Decoded jobs kept in memory, beyond those changed since the last write.
+#: Decoded jobs kept in memory, beyond those changed since the last write: at most so many, and
+#: so many bytes of them (as JSON; decoded, a few times that). By bytes too: 4,096 jobs of
+#: `jobs.max_args_bytes` each would be a gigabyte.
 CACHE_SIZE = 4096
+CACHE_BYTES = 16 * 2**20
 #: Rows deleted per statement when expiring, so that no call holds the event loop for long.
 EXPIRE_CHUNK = 2000
 #: SQLite's own page cache, in KiB (a negative cache_size is KiB).
 PAGE_CACHE_KIB = 16 * 1024
+#: A store past `max_bytes` forgets finished jobs until it keeps this share of it: room for a
+#: while, rather than one job's worth (and a chunk of deletes) at every submit.
+LOW_WATER = 0.9
+#: The default `max_bytes` (`store.max_bytes`).
+MAX_BYTES = 2**30
 
 
 class JobStore:
     def __init__(
-        self, result_ttl: float, path: str = ":memory:", clock: Callable[[], float] = time.time
+        self,
+        result_ttl: float,
+        path: str = ":memory:",
+        clock: Callable[[], float] = time.time,
+        max_bytes: int = MAX_BYTES,
     ) -> None:
         self.result_ttl = result_ttl
         self.path = path
+        #: Bytes of job state (`Job.to_state()` as JSON, summed over the jobs) past which finished
+        #: jobs are forgotten early, and, if unfinished ones alone keep as much, `full()` holds.
+        self.max_bytes = max_bytes
         self._clock = clock
         self._db = connect(path)
         self._cache: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        #: The size of each cached job's state as last read or written (none yet for a new one).
+        self._cache_sizes: dict[str, int] = {}
+        self._cache_bytes = 0
         #: Jobs changed since the last write (an ordered set), and the sequence numbers of those
         #: created since.
         self._dirty: dict[str, None] = {}
@@ -91,6 +113,10 @@ class JobStore:
         self._new_meta: dict[str, Any] = {}
         self._closed = False
         self.listeners: list[ChangeListener] = []
+        self._evicting = asyncio.Lock()
+        #: The `size` of the jobs created since the last write: a burst of submits between two
+        #: writes counts toward `full()` as it comes.
+        self._unwritten = 0
         self._read_counters()
 
     def _read_counters(self) -> None:
@@ -100,6 +126,14 @@ class JobStore:
         #: The log offset of the last entry applied (written by the next `write()` at the
         #: latest); None before the first.
         self.offset: int | None = self.meta("offset")
+        #: Bytes of job state in the database, kept with it (counted once for a store that
+        #: predates the count: a scan of every row's length, which SQLite reads from the row's
+        #: header without loading the state).
+        stored = self.meta("bytes")
+        if stored is None:
+            stored = self._db.execute("SELECT coalesce(sum(length(state)), 0) FROM jobs").fetchone()
+            stored = stored[0]
+        self._bytes: int = stored
 
     def close(self) -> None:
         """Write what is left, and close the database; later writes are no-ops."""
@@ -119,6 +153,8 @@ class JobStore:
         os.replace(path, self.path)
         self._db = connect(self.path)
         self._cache.clear()
+        self._cache_sizes.clear()
+        self._cache_bytes = 0
         self._read_counters()
 
     def meta(self, key: str) -> Any:
@@ -134,6 +170,16 @@ class JobStore:
     def __len__(self) -> int:
         return self._count
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of job state kept, as of the last write (changes since wait for the next)."""
+        return self._bytes
+
+    def full(self) -> bool:
+        """Whether the store keeps `max_bytes` of job state or more (as of the last write, and
+        counting the jobs created since)."""
+        return self._bytes + self._unwritten >= self.max_bytes
+
     # Reading --------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
@@ -144,7 +190,12 @@ class JobStore:
         if job_id in self._forgotten:
             return None
         row = self._db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return None if row is None else self._cached(Job.from_state(orjson.loads(row[0])))
+        if row is None:
+            return None
+        # Room first, so that the job read stays cached at least until the caller changed it
+        # (a changed job is kept until written): reads alone must not grow the cache either.
+        self._trim_cache()
+        return self._cached(Job.from_state(orjson.loads(row[0])), len(row[0]))
 
     def for_key(self, key: str, owner: str | None) -> Job | None:
         """The job `owner` submitted first with this idempotency key, while it is kept."""
@@ -171,8 +222,28 @@ class JobStore:
         cursor: str | None = None,
         owner: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered (by `owner` too, unless None); returns the page and the
-        cursor of the next one."""
+        """Jobs newest first, filtered; returns the page and the cursor of the next one."""
+        jobs: list[Job] = []
+        following: str | None = None
+        with contextlib.closing(self.page(statuses, task, limit, cursor, owner)) as page:
+            for job, after in page:
+                jobs.append(job)
+                following = after
+        return jobs, following
+
+    def page(
+        self,
+        statuses: Collection[JobStatus] = (),
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        owner: str | None = None,
+    ) -> Generator[tuple[Job, str | None], None, None]:
+        """Up to `limit` jobs newest first, filtered (by `owner` too, unless None), each with
+        the cursor of the page that follows it (None after the last job there is). Each job is
+        read and decoded as the iterator reaches it, so a caller that stops early never holds
+        the rest: iterate without awaiting, and close the iterator when done. Raises
+        InvalidRequest at once for a bad cursor."""
         self.write()
         where, params = ["seq < ?"], [_decode(cursor) if cursor is not None else self._next_seq]
         if owner is not None:
@@ -184,15 +255,43 @@ class JobStore:
         if task is not None:
             where.append("task = ?")
             params.append(task)
-        rows = self._db.execute(
-            f"SELECT seq, id, state FROM jobs WHERE {' AND '.join(where)}"
-            " ORDER BY seq DESC LIMIT ?",
-            (*params, limit + 1),
-        ).fetchall()
-        page = [self._cache.get(i) or Job.from_state(orjson.loads(state)) for _, i, state in rows]
-        if len(page) > limit:
-            return page[:limit], _encode(rows[limit - 1][0])
-        return page, None
+        query = f"FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        if len(statuses) > 1:
+            # SQLite sorts the rows of several statuses in a temporary B-tree, which would
+            # hold every state of the page at once: the ids first, then each state on its own.
+            ids = self._db.execute(f"SELECT seq, id {query}", (*params, limit + 1)).fetchall()
+            return self._read_page(ids[:limit], more=len(ids) > limit)
+        # In the order of an index: SQLite steps through the rows one at a time.
+        rows = self._db.execute(f"SELECT seq, id, state {query}", (*params, limit + 1))
+        return self._step_page(rows, limit)
+
+    def _step_page(
+        self, rows: sqlite3.Cursor, limit: int
+    ) -> Generator[tuple[Job, str | None], None, None]:
+        try:
+            row = rows.fetchone()
+            for _ in range(limit):
+                if row is None:
+                    return
+                following = rows.fetchone()  # whether the page has a next one
+                seq, job_id, state = row
+                job = self._cache.get(job_id) or Job.from_state(orjson.loads(state))
+                yield job, None if following is None else _encode(seq)
+                row = following
+        finally:
+            rows.close()
+
+    def _read_page(
+        self, ids: Sequence[tuple[int, str]], more: bool
+    ) -> Generator[tuple[Job, str | None], None, None]:
+        for n, (seq, job_id) in enumerate(ids):
+            job = self._cache.get(job_id)
+            if job is None:
+                found = self._db.execute("SELECT state FROM jobs WHERE seq = ?", (seq,)).fetchone()
+                if found is None:  # forgotten since the page's ids were read
+                    continue
+                job = Job.from_state(orjson.loads(found[0]))
+            yield job, _encode(seq) if more or n + 1 < len(ids) else None
 
     # Waiting --------------------------------------------------------------------------------
 
@@ -230,8 +329,9 @@ class JobStore:
 
     # Changing -------------------------------------------------------------------------------
 
-    def create(self, spec: JobSpec) -> Job | None:
-        """Add a newly queued job; None (and no change) if the id is known already."""
+    def create(self, spec: JobSpec, size: int = 0) -> Job | None:
+        """Add a newly queued job; None (and no change) if the id is known already. `size`: its
+        message's bytes, which `full()` counts until the job is written (then its state's)."""
         if self.get(spec.id) is not None or self.is_duplicate(spec.id):
             return None
         key = spec.idempotency_key
@@ -244,6 +344,7 @@ class JobStore:
         self._seq_of_new[job.id] = self._next_seq
         self._next_seq += 1
         self._count += 1
+        self._unwritten += size
         self._cached(job)
         self._dirty[job.id] = None
         self._changed(job.status.value, job)  # the event is `queued` or `scheduled`
@@ -284,18 +385,19 @@ class JobStore:
         if not (self._dirty or self._forgotten or self._new_duplicates or self._new_meta):
             return
         db = self._db
+        size = self._bytes
         with db:
             if self._forgotten:  # first: a job may be created again under a forgotten id
-                db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in self._forgotten])
+                size -= self._delete(self._forgotten)
             for job_id in self._dirty:
                 job = self._cache[job_id]
-                row = (
-                    job.status.value,
-                    job.finished_at,
-                    orjson.dumps(job.to_state()),
-                )
+                state = orjson.dumps(job.to_state())
+                size += len(state)
+                self._cached(job, len(state))
+                row = (job.status.value, job.finished_at, state)
                 seq = self._seq_of_new.pop(job_id, None)
                 if seq is None:
+                    size -= self._stored_size(job_id)
                     db.execute(
                         "UPDATE jobs SET status = ?, finished_at = ?, state = ? WHERE id = ?",
                         (*row, job_id),
@@ -312,10 +414,13 @@ class JobStore:
                     "INSERT OR IGNORE INTO duplicates (id, at) VALUES (?, ?)",
                     self._new_duplicates.items(),
                 )
+            self._new_meta["bytes"] = size  # with the rows it counts, in one transaction
             db.executemany(
                 "REPLACE INTO meta (key, value) VALUES (?, ?)",
                 [(key, orjson.dumps(value)) for key, value in self._new_meta.items()],
             )
+        self._bytes = size
+        self._unwritten = 0
         self._dirty.clear()
         self._new_meta.clear()
         self._forgotten.clear()
@@ -335,12 +440,81 @@ class JobStore:
             )
         ]
         with self._db:
-            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            self._drop(ids)
             self._db.execute("DELETE FROM duplicates WHERE at < ?", (horizon,))
-        for job_id in ids:
-            self._cache.pop(job_id, None)
-        self._count -= len(ids)
         return len(ids)
+
+    async def make_room(self, keep: str | None = None) -> int:
+        """If the store is `full()`, forget finished jobs, the earliest finished first (but the
+        job `keep`), until it keeps less than LOW_WATER of `max_bytes`, or none is left; returns
+        how many. One chunk of deletes at a time, with the event loop serving in between; one
+        call at a time (a caller that finds one under way waits for it, and finds room made)."""
+        if not self.full():
+            return 0
+        forgotten = 0
+        async with self._evicting:
+            if not self.full():
+                return 0
+            while (chunk := self._evict(keep)) == EXPIRE_CHUNK:
+                forgotten += chunk
+                await asyncio.sleep(0)
+            forgotten += chunk
+        if forgotten:
+            logger.warning(
+                "the job store passed store.max_bytes (%d): forgot the %d earliest finished jobs"
+                " before their result_ttl; %d bytes kept",
+                self.max_bytes,
+                forgotten,
+                self._bytes,
+            )
+        return forgotten
+
+    def _evict(self, keep: str | None) -> int:
+        """Forget up to EXPIRE_CHUNK finished jobs, the earliest finished first (but `keep`),
+        while the store keeps more than LOW_WATER of `max_bytes`; returns how many."""
+        self.write()
+        excess = self._bytes - int(self.max_bytes * LOW_WATER)
+        ids: list[str] = []
+        earliest = self._db.execute(
+            "SELECT id, length(state) FROM jobs WHERE finished_at IS NOT NULL"
+            " ORDER BY finished_at LIMIT ?",
+            (EXPIRE_CHUNK,),
+        ).fetchall()
+        for job_id, size in earliest:
+            if excess <= 0:
+                break
+            if job_id == keep:
+                continue
+            ids.append(job_id)
+            excess -= size
+        if ids:
+            with self._db:
+                self._drop(ids)
+        return len(ids)
+
+    def _drop(self, ids: Collection[str]) -> None:
+        """Delete written jobs, and count them out, in the caller's transaction."""
+        self._bytes -= self._delete(ids)
+        self._db.execute(
+            "REPLACE INTO meta (key, value) VALUES ('bytes', ?)", (orjson.dumps(self._bytes),)
+        )
+        for job_id in ids:
+            self._uncache(job_id)
+        self._count -= len(ids)
+
+    def _delete(self, ids: Collection[str]) -> int:
+        """Delete rows by id; returns the bytes of state they held."""
+        freed = 0
+        for job_id in ids:
+            for (size,) in self._db.execute(
+                "DELETE FROM jobs WHERE id = ? RETURNING length(state)", (job_id,)
+            ):
+                freed += size
+        return freed
+
+    def _stored_size(self, job_id: str) -> int:
+        row = self._db.execute("SELECT length(state) FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def _forget(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -350,19 +524,34 @@ class JobStore:
             scoped = scoped_key(job.owner, job.idempotency_key)
             if self._new_keys.get(scoped) == job_id:
                 del self._new_keys[scoped]
-        self._cache.pop(job_id, None)
+        self._uncache(job_id)
         self._dirty.pop(job_id, None)
         if self._seq_of_new.pop(job_id, None) is None:
             self._forgotten.add(job_id)
         self._count -= 1
 
-    def _cached(self, job: Job) -> Job:
+    def _cached(self, job: Job, size: int = 0) -> Job:
         self._cache[job.id] = job
+        self._cache_bytes += size - self._cache_sizes.get(job.id, 0)
+        self._cache_sizes[job.id] = size
         return job
 
+    def _uncache(self, job_id: str) -> None:
+        self._cache.pop(job_id, None)
+        self._cache_bytes -= self._cache_sizes.pop(job_id, 0)
+
     def _trim_cache(self) -> None:
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        """Drop the least recently used jobs while the cache is over CACHE_SIZE or CACHE_BYTES,
+        but none changed since the last write (`write()` reads them from here)."""
+        cache = self._cache
+        while (len(cache) > CACHE_SIZE or self._cache_bytes > CACHE_BYTES) and len(cache) > len(
+            self._dirty
+        ):
+            oldest = next(iter(cache))
+            if oldest in self._dirty:
+                cache.move_to_end(oldest)
+            else:
+                self._uncache(oldest)
 
     def _changed(self, event: str, job: Job) -> None:
         for listener in self.listeners:

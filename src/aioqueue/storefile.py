@@ -17,7 +17,7 @@ import sqlite3
 import tempfile
 from urllib.parse import urlsplit
 
-from aioqueue.store import JobStore
+from aioqueue.store import MAX_BYTES, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +63,16 @@ class StoreFile:
         os.unlink(path)  # SQLite creates it; an empty file would be a valid, empty database
         return cls(path, None, temporary=True)
 
-    def open(self, result_ttl: float) -> JobStore:
+    def open(self, result_ttl: float, max_bytes: int = MAX_BYTES) -> JobStore:
         """The store in this file; a file that fails its check is moved aside, and a new one
         started (the log or a checkpoint then rebuilds the state)."""
         try:
-            return JobStore(result_ttl, self.path)
+            return JobStore(result_ttl, self.path, max_bytes=max_bytes)
         except sqlite3.DatabaseError as exc:
             aside = self.path + ".corrupt"
             logger.error("the job store %s is unsound (%s): moved to %s", self.path, exc, aside)
             self.discard(aside)
-            return JobStore(result_ttl, self.path)
+            return JobStore(result_ttl, self.path, max_bytes=max_bytes)
 
     def discard(self, aside: str | None = None) -> None:
         """Remove the store's files (or move the database to `aside`)."""

@@ -77,7 +77,7 @@ async def call(
 
 
 async def frames_until_quiet(ws: aiohttp.ClientWebSocketResponse, quiet: float) -> list[str]:
-    got = []
+    got: list[str] = []
     while True:
         try:
             message = await ws.receive(timeout=quiet)

@@ -23,8 +23,11 @@ from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
 
-#: Dead letters kept in memory; the oldest go first beyond this.
+#: Dead letters kept in memory, at most so many and so many bytes of them; the oldest go first
+#: beyond either. By bytes too: a dead letter is a job's whole message, args and all (up to
+#: `jobs.max_args_bytes` each), and 10,000 of those could be gigabytes.
 DEAD_LETTERS_KEPT = 10_000
+DEAD_LETTER_BYTES = 16 * 2**20
 
 
 class MemoryDelivery(Delivery):
@@ -86,9 +89,8 @@ class MemoryBroker(Broker):
         self._on_log: LogHandler | None = None
         self._offsets = itertools.count()
         self._on_dead: DeadHandler | None = None
-        self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque(
-            maxlen=DEAD_LETTERS_KEPT
-        )
+        self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._dead_letter_bytes = 0
 
     async def start(
         self,
@@ -136,7 +138,7 @@ class MemoryBroker(Broker):
 
     async def _dead_lettered(self, body: bytes, reason: str) -> None:
         # What AmqpBroker's consumer of dead letters does: keep the message, report it.
-        self.dead_letters.append((body, reason))
+        self._keep_dead_letter(body, reason)
         assert self._on_dead is not None
         try:
             await self._on_dead(body, reason)
@@ -224,7 +226,15 @@ class MemoryBroker(Broker):
         self._log(LogKind.EVENTS, body)
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
+        self._keep_dead_letter(body, reason)
+
+    def _keep_dead_letter(self, body: bytes, reason: str) -> None:
         self.dead_letters.append((body, reason))
+        self._dead_letter_bytes += len(body)
+        while len(self.dead_letters) > DEAD_LETTERS_KEPT or (
+            self._dead_letter_bytes > DEAD_LETTER_BYTES and len(self.dead_letters) > 1
+        ):
+            self._dead_letter_bytes -= len(self.dead_letters.popleft()[0])
 
     def _log(self, kind: LogKind, body: bytes) -> None:
         if self._on_log is None:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from aioqueue import submission, topics
 from aioqueue.jobs import JobStatus
+from aioqueue.runner import MAX_PROGRESS_MESSAGE
 from aioqueue.tasks import PRIORITIES
 from aioqueue.web.handlers import MAX_LIMIT, MAX_WAIT
 from aioqueue.web.problems import problems
@@ -123,8 +124,9 @@ ERRORS: dict[str, dict[str, Any]] = {
     ),
     "415": _problem("the body is not declared as JSON"),
     "429": _problem(
-        "the queue is full (`broker.max_queue_length`), or the principal is over"
-        " `auth.max_submits_per_second`; not accepted",
+        "the queue is full (`broker.max_queue_length`), jobs not finished fill the job store"
+        " (`store.max_bytes`), or the principal is over `auth.max_submits_per_second`; not"
+        " accepted",
         True,
     ),
     "503": _problem("the broker is unavailable, or the service is starting or stopping", True),
@@ -301,12 +303,21 @@ def schemas() -> dict[str, Any]:
                     "required": ["value", "message"],
                     "properties": {
                         "value": {"type": "number"},
-                        "message": {"type": ["string", "null"]},
+                        "message": {
+                            "type": ["string", "null"],
+                            "description": f"cut to {MAX_PROGRESS_MESSAGE} characters, with a"
+                            " marker",
+                        },
                     },
                 },
-                "result": {"description": "what the task returned (any JSON)"},
+                "result": {
+                    "description": "what the task returned (any JSON), at most"
+                    " `jobs.max_result_bytes` of it: a larger one fails the job (ResultTooLarge)"
+                },
                 "error": {
                     "type": ["object", "null"],
+                    "description": "message and traceback are cut to `jobs.max_error_bytes`"
+                    " characters each, with a marker",
                     "required": ["type", "message"],
                     "properties": {
                         "type": {"type": "string"},
@@ -472,7 +483,14 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                         "schema": {"type": "string", "minLength": 1},
                     },
                 ],
-                "responses": {"200": _ok("a page of jobs", _ref("JobList")), **_errors(400, 503)},
+                "responses": {
+                    "200": _ok(
+                        "a page of jobs: `limit` of them, or fewer where the body would pass"
+                        " `http.max_list_bytes` (one job at least); `next` goes on from there",
+                        _ref("JobList"),
+                    ),
+                    **_errors(400, 503),
+                },
             },
         },
         "/v1/jobs/{id}": {

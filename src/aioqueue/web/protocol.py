@@ -42,8 +42,8 @@ ERRORS: dict[ErrorCode, str] = {
     " problems",
     "too_many_subscriptions": "the connection already has `ws.max_subscriptions`",
     "conflict": "the submit's idempotency key was used for another request (HTTP's 409)",
-    "queue_full": "the submit's queue is at `broker.max_queue_length`: not accepted, try later"
-    " (HTTP's 429)",
+    "queue_full": "the submit's queue is at `broker.max_queue_length`, or jobs not finished fill"
+    " the job store (`store.max_bytes`): not accepted, try later (HTTP's 429)",
     "unavailable": "the broker is unreachable, or the service is starting or stopping (HTTP's 503)",
     "too_large": "a published message over `topics.max_message_bytes`, or a submit's args"
     " over `jobs.max_args_bytes`, as JSON (HTTP's 413)",
