@@ -31,7 +31,10 @@ class MalformedRequests(logging.Filter):
             return False
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.msg = "%d malformed HTTP request(s) refused with 400 (said once a minute); last: %s"
-        last = " ".join(str(error.message).split())[:200] or type(error).__name__
+        # What was wrong, not the bytes that were: aiohttp quotes the bad header line after a
+        # colon, and it may be an Authorization header.
+        described = str(error.message).split(":", 1)[0]
+        last = " ".join(described.split())[:100] or type(error).__name__
         record.args = (self._count, last)
         record.exc_info = record.exc_text = None
         self._count, self._said_at = 0, now

@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from aioqueue.web.problems import problem
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +68,28 @@ class _Tally:
             self._timer = self._loop.call_later(SAY_EVERY, self._say)
 
 
+class ProblemHandler(RequestHandler):
+    """aiohttp's handler, whose answer to a request it cannot parse is a problem document that
+    says what was wrong, not aiohttp's text/plain echo of the offending bytes (which may be an
+    `Authorization` header, sent back and kept by whatever logs responses)."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        answer = super().handle_error(request, status, exc, message)  # logs, and may raise
+        if status >= 500 or not message:
+            return answer
+        # aiohttp's messages are a description, then a colon and the bytes quoted.
+        described = " ".join(message.split(":", 1)[0].split())[:100]
+        refusal = problem(status, HTTPStatus(status).phrase, f"not well-formed HTTP: {described}")
+        refusal.force_close()
+        return refusal
+
+
 class ConnectionGuard:
     """The protocol factory to listen with: `loop.create_server(ConnectionGuard(...), ...)`."""
 
@@ -89,6 +115,13 @@ class ConnectionGuard:
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self)
+
+    def handler(self) -> RequestHandler:
+        """What `web.Server()` makes (web_server.py, `Server.__call__`), as a ProblemHandler."""
+        kwargs = getattr(self.server, "_kwargs", None)
+        if kwargs is None:  # another aiohttp: its own handler, and its text/plain 400s
+            return self.server()
+        return ProblemHandler(self.server, loop=self.loop, **kwargs)
 
     def refused(self) -> None:
         self._refused.add()
@@ -120,7 +153,7 @@ class _Guarded(asyncio.Protocol):
             transport.close()
             return
         guard.open += 1
-        self._inner = guard.server()
+        self._inner = guard.handler()
         self._inner.connection_made(transport)
         self._arm()
 

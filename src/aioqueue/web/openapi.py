@@ -104,8 +104,9 @@ def _bad_request() -> dict[str, Any]:
     response = _problem(
         "bad JSON, a bad field or query parameter: a problem document whose `errors` names "
         "each; or a request that is not well-formed HTTP (a request line or a header over 8190 "
-        "bytes, raw non-ASCII bytes in the URL), which the HTTP server refuses in text/plain "
-        "before the API sees it"
+        "bytes, raw non-ASCII bytes in the URL), which the HTTP server refuses before the API "
+        "sees it: a problem document under `aioqueue serve`, text/plain where aioqueue is mounted "
+        "in another application"
     )
     response["content"]["text/plain"] = {"schema": {"type": "string"}}
     return response
