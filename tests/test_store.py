@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from pathlib import Path
 
+import orjson
 import pytest
 
 from aioqueue.errors import InvalidRequest
 from aioqueue.events import JobSpec, Started, Succeeded
-from aioqueue.jobs import JobStatus
+from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
 
 
@@ -114,3 +117,48 @@ async def test_wait_terminal_gives_up_after_its_time() -> None:
     store.create(spec(1))
     await asyncio.wait_for(store.wait_terminal("job1", within=0.05), 1)
     assert store._waiters == {}
+
+
+#: The layout of a store before owners (schema 1), as aioqueue 0.1 wrote it.
+SCHEMA_1 = """
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    task TEXT NOT NULL, finished_at REAL, idempotency_key TEXT, state BLOB NOT NULL);
+CREATE UNIQUE INDEX jobs_by_key ON jobs (idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE TABLE duplicates (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+PRAGMA user_version = 1;
+"""
+
+
+def named(job_id: str) -> JobSpec:
+    return JobSpec(job_id, "t", "default", [], max_attempts=1, timeout=1.0, created_at=1000)
+
+
+def test_a_store_of_schema_1_is_migrated_in_place_not_rebuilt(tmp_path: Path) -> None:
+    """Its pending jobs may be older than the log's retention: they are kept, ownerless."""
+    path = str(tmp_path / "old.sqlite")
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_1)
+    for seq, (job_id, key) in enumerate([("a", "k1"), ("b", None)]):
+        state = Job.from_spec(named(job_id).replace(idempotency_key=key)).to_state()
+        del state["owner"]
+        old.execute(
+            "INSERT INTO jobs VALUES (?, ?, 'queued', 't', NULL, ?, ?)",
+            (seq, job_id, key, orjson.dumps(state)),
+        )
+    old.execute("""INSERT INTO meta VALUES ('offset', '41')""")
+    old.commit()
+    old.close()
+
+    store = JobStore(60, path)
+    assert store.offset == 41 and len(store) == 2
+    found = store.for_key("k1", None)
+    assert found is not None and found.id == "a" and found.owner is None
+    assert store.for_key("k1", "alice") is None
+    assert [job.id for job in store.list(owner=None)[0]] == ["b", "a"]
+    assert store.list(owner="alice")[0] == []
+    store.create(named("c").replace(owner="alice", idempotency_key="k1"))
+    store.write()
+    assert [job.id for job in store.list(owner="alice")[0]] == ["c"]
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2

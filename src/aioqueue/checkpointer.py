@@ -28,7 +28,7 @@ from aioqueue import snapshots
 from aioqueue.errors import BrokerUnavailable
 from aioqueue.eventlog import EventLog
 from aioqueue.events import CheckpointNote
-from aioqueue.store import SCHEMA_VERSION, JobStore
+from aioqueue.store import READABLE_SCHEMAS, JobStore
 
 if TYPE_CHECKING:
     from aioqueue.broker.checkpoints import CheckpointStreams
@@ -98,7 +98,7 @@ class Checkpointer:
         for record in reversed(records):
             if self._store.offset is not None and self._store.offset >= record["offset"]:
                 break  # the store is as new: it resumes from itself
-            if record.get("schema") != SCHEMA_VERSION:
+            if record.get("schema") not in READABLE_SCHEMAS:
                 continue
             started = time.monotonic()
             try:

@@ -199,7 +199,8 @@ class Job:
     def from_state(cls, state: dict[str, Any]) -> Job:
         job = cls.__new__(cls)
         for name in Job.__slots__:
-            setattr(job, name, state[name])
+            # `owner` is not in the states of a store of schema 1 (before owners, issue 9).
+            setattr(job, name, state.get(name) if name == "owner" else state[name])
         job.status = JobStatus(job.status)
         return job
 

@@ -45,6 +45,8 @@ ChangeListener = Callable[[str, Job], None]
 
 #: The layout of the tables; a store of another version is not opened (it is rebuilt).
 SCHEMA_VERSION = 2
+#: The versions a store or a checkpoint may have to be opened (older ones are migrated).
+READABLE_SCHEMAS = (1, SCHEMA_VERSION)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,     -- creation order: the order of the log
@@ -561,6 +563,19 @@ class JobStore:
                 waiter.set_result(None)
 
 
+def _add_owners(db: sqlite3.Connection) -> None:
+    """Schema 1 to 2 (owners, issue 9), in place: a store, or a checkpoint, of an older version
+    is read, not rebuilt from a log that may no longer hold its oldest pending jobs. Every job
+    of a version-1 store was submitted with auth off: no owner, keys scoped to none."""
+    with db:
+        db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+        keyed = db.execute("SELECT id, idempotency_key FROM jobs WHERE idempotency_key IS NOT NULL")
+        db.executemany(
+            "UPDATE jobs SET idempotency_key = ? WHERE id = ?",
+            [(scoped_key(None, key), job_id) for job_id, key in keyed.fetchall()],
+        )
+
+
 def scoped_key(owner: str | None, key: str) -> str:
     """An idempotency key as the store keeps it: one principal's key never finds another's job.
     As JSON, so that no owner and key can be written to look like another pair."""
@@ -578,12 +593,14 @@ def connect(path: str) -> sqlite3.Connection:
         db.execute("PRAGMA synchronous = NORMAL")
     try:
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, *READABLE_SCHEMAS):
             raise sqlite3.DatabaseError(f"schema version {version}, expected {SCHEMA_VERSION}")
         # A file cut short or damaged is refused here, not half-read later.
         check = db.execute("PRAGMA quick_check").fetchone()[0]
         if check != "ok":
             raise sqlite3.DatabaseError(f"quick_check: {check}")
+        if version == 1:
+            _add_owners(db)
         db.executescript(SCHEMA)
     except sqlite3.DatabaseError:
         db.close()
