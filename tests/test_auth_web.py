@@ -37,7 +37,9 @@ def bearer(sub: str, scope: str = USER) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(sub, scope)}", **JSON}
 
 
-ADMIN = bearer("root", "jobs:admin")
+def admin() -> dict[str, str]:
+    """Made when used: a token made when the module is collected expires in a long run."""
+    return bearer("root", "jobs:admin")
 
 
 def make_app() -> App:
@@ -281,14 +283,16 @@ async def test_listing_shows_a_principal_its_own_jobs_and_admin_all(client: Clie
         ids, cursor = [], None
         while True:
             params = {"limit": "2", **({"cursor": cursor} if cursor else {})}
-            page = await (await client.get("/v1/jobs", params=params, headers=who)).json()
+            response = await client.get("/v1/jobs", params=params, headers=who)
+            page = await response.json()
+            assert response.status == 200, page
             ids += [job["id"] for job in page["jobs"]]
             if not (cursor := page["next"]):
                 return ids
 
     assert set(await listed(bearer("alice"))) == {job["id"] for job in mine}
     assert await listed(bearer("bob")) == [theirs["id"]]
-    assert set(await listed(ADMIN)) == {job["id"] for job in [*mine, theirs]}
+    assert set(await listed(admin())) == {job["id"] for job in [*mine, theirs]}
 
 
 async def test_tracebacks_are_for_admins_only(client: Client) -> None:
@@ -297,11 +301,11 @@ async def test_tracebacks_are_for_admins_only(client: Client) -> None:
     own = await (await client.get(url, headers=bearer("alice"))).json()
     assert own["status"] == "failed" and own["error"]["message"] == "nope"
     assert own["error"]["traceback"] is None
-    admin = await (await client.get(url, headers=ADMIN)).json()
-    assert "ValueError" in admin["error"]["traceback"]
+    seen = await (await client.get(url, headers=admin())).json()
+    assert "ValueError" in seen["error"]["traceback"]
     listed = await (await client.get("/v1/jobs", headers=bearer("alice"))).json()
     assert listed["jobs"][0]["error"]["traceback"] is None
-    async with client.ws_connect("/v1/ws", headers=ADMIN) as ws:  # frames go to many: none
+    async with client.ws_connect("/v1/ws", headers=admin()) as ws:  # frames go to many: none
         await send(ws, {"op": "subscribe", "channel": f"job:{job['id']}"})
         snapshot = await receive(ws)
         assert snapshot["job"]["error"]["traceback"] is None
