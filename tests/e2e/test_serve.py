@@ -244,3 +244,29 @@ async def test_malformed_requests_cannot_flood_the_log(
     log = server.log()
     assert "Traceback" not in log and "ERROR" not in log
     assert log.count("malformed HTTP request") == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"AIOQUEUE_HTTP__HOST": "0.0.0.0"}, True),
+        ({"AIOQUEUE_HTTP__HOST": "127.0.0.1"}, False),
+        (
+            {
+                "AIOQUEUE_HTTP__HOST": "0.0.0.0",
+                "AIOQUEUE_AUTH__MODE": "token",
+                "AIOQUEUE_AUTH__TOKENS": '[{"token": "t-0123456789abcdef", "principal": "a",'
+                ' "scopes": []}]',
+            },
+            False,
+        ),
+    ],
+)
+def test_auth_off_on_a_non_loopback_address_is_warned_at_start_up(
+    prefix: str, tmp_path: Path, env: dict[str, str], warned: bool
+) -> None:
+    process = ServeProcess("memory://", prefix, env).start(tmp_path)
+    try:
+        assert ("WARNING: auth is off" in process.log()) is warned, process.log()
+    finally:
+        assert process.stop() == 0
