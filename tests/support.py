@@ -1,4 +1,5 @@
-"""Running the real `aioqueue serve` in a subprocess, and talking to it, for end-to-end tests."""
+"""Running the real `aioqueue serve` in a subprocess, and talking to it, for end-to-end tests;
+and an app served in the test's own process (`serve_in_process`)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from aioqueue import App, Settings
+from aioqueue.web.app import create_app
+from aioqueue.web.state import STATE
+
+InProcess = TestClient[web.Request, web.Application]
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"aioqueue serving \S+ on (http://\S+)")
@@ -118,6 +127,23 @@ async def eventually(check: Callable[[], bool], deadline: float) -> None:
     async with asyncio.timeout(deadline):
         while not check():  # noqa: ASYNC110 - what is checked has no event to wait on
             await asyncio.sleep(0.01)
+
+
+async def serve_in_process(
+    aiohttp_client: Callable[[web.Application], Awaitable[InProcess]],
+    app: App,
+    settings: Settings,
+) -> InProcess:
+    """`app` served in this process (aiohttp's test client), once its service is ready. Read
+    from the service, not /readyz: a test's Host check may refuse the test client's Host."""
+    client = await aiohttp_client(create_app(app, settings))
+
+    def ready() -> bool:
+        service = client.app[STATE].service
+        return service is not None and service.problem() is None
+
+    await eventually(ready, 10)
+    return client
 
 
 async def wait_ready(session: aiohttp.ClientSession, url: str, deadline: float = 30.0) -> None:

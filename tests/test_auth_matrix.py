@@ -15,7 +15,6 @@ Served in-process on memory:// with `[auth] mode = "jwt"` (HS256).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,8 +28,8 @@ from aiohttp.test_utils import TestClient
 from aioqueue import App, Settings
 from aioqueue.config import AuthSettings, WsSettings
 from aioqueue.jobs import Job
-from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
+from tests.support import serve_in_process
 
 Client = TestClient[web.Request, web.Application]
 SECRET = "matrix-secret-0123456789abcdef0123456789"
@@ -116,12 +115,7 @@ def serve(
     aiohttp_client: Callable[[web.Application], Awaitable[Client]],
 ) -> Callable[..., Awaitable[Client]]:
     async def start(**auth: Any) -> Client:
-        client = await aiohttp_client(create_app(make_app(), settings(**auth)))
-        deadline = time.monotonic() + 10
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
-        return client
+        return await serve_in_process(aiohttp_client, make_app(), settings(**auth))
 
     return start
 

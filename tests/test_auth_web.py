@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
 from aioqueue.config import AuthSettings, HttpSettings, WsSettings
-from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
+from tests.support import serve_in_process
 
 Client = TestClient[web.Request, web.Application]
 SECRET = "web-secret-0123456789abcdef0123456789ab"
@@ -77,13 +77,7 @@ def serve(
             ws=WsSettings(**{"auth_timeout": 0.5, **(ws or {})}),
             http=HttpSettings(**(http or {})),
         )
-        client = await aiohttp_client(create_app(make_app(), settings))
-        deadline = time.monotonic() + 10
-        # Not /readyz: the Host check may refuse the test client's Host.
-        while (service := client.app[STATE].service) is None or service.problem() is not None:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
-        return client
+        return await serve_in_process(aiohttp_client, make_app(), settings)
 
     return start
 
