@@ -220,3 +220,25 @@ def test_an_unreadable_jwks_file_stops_start_up(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(ConfigError, match=r"auth\.jwt_jwks_file: cannot use"):
         authenticator(settings(mode="jwt", jwt_algorithms='["RS256"]', jwt_jwks_file=str(path)))
+
+
+def test_a_remembered_token_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    auth = hs256(jwt_leeway="5")
+    expires = time.time() + 60
+    token = jwt.encode(claims(exp=expires), SECRET)
+    assert auth.authenticate(token).name == "alice"
+    assert auth.authenticate(token).name == "alice"  # from the cache
+    monkeypatch.setattr("aioqueue.auth.time.time", lambda: expires + 4)
+    assert auth.authenticate(token).name == "alice"  # within the leeway
+    monkeypatch.setattr("aioqueue.auth.time.time", lambda: expires + 6)
+    refused(auth, token, TokenExpired)
+
+
+def test_the_cache_of_verified_tokens_is_bounded() -> None:
+    auth = hs256()
+    auth.CACHE_SIZE = 3
+    tokens = [jwt.encode(claims(sub=f"user{n}"), SECRET) for n in range(5)]
+    for token in tokens:
+        auth.authenticate(token)
+    assert len(auth._verified) == 3
+    assert [auth.authenticate(token).name for token in tokens] == [f"user{n}" for n in range(5)]
