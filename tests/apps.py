@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import Any
@@ -138,3 +139,16 @@ async def crash(ctx: Context) -> None:
     """A poison job: kills the whole process every time it runs."""
     _record(ctx)
     os._exit(1)
+
+
+@app.task
+async def says(ctx: Context, text: str) -> str:
+    """Logs `text` from the task (its own logger), then a line from a thread of its sync kin."""
+    logging.getLogger("tests.apps").warning("async says %s", text)
+    return text
+
+
+@app.task
+def says_sync(ctx: SyncContext, text: str) -> str:
+    logging.getLogger("tests.apps").warning("sync says %s", text)
+    return text

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load(args.config, overrides=_overrides(args))
         if args.command == "serve":
-            logs.configure(args.log_level)
+            logs.configure(args.log_level, settings.log.format)
             return _run(_serve(settings))
         if args.command == "check":
             logs.configure("error")

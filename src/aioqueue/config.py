@@ -293,6 +293,13 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSettings:
+    # `aioqueue serve`'s log lines: "text" for people, "json" (one object a line, with the
+    # job's id, task, attempt and queue on every line about a job) for a log pipeline.
+    format: str = _key("text", str, "expected 'text' or 'json'", lambda v: v in ("text", "json"))
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     app: str | None = _pattern(None, r"[\w.]+:[\w.]+", "expected 'module:attribute'", optional=True)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -302,6 +309,7 @@ class Settings:
     ws: WsSettings = field(default_factory=WsSettings)
     topics: TopicsSettings = field(default_factory=TopicsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     source: str | None = None  # the config.toml that was read; not a key
 
 

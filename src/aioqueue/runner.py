@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import functools
 import logging
 import random
@@ -29,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from aioqueue import logs
 from aioqueue.admission import Admission, Decision, FirstCopy, Message, admit
 from aioqueue.broker.base import Broker, Delivery
 from aioqueue.config import JobsSettings
@@ -210,11 +212,12 @@ class Runner:
             await delivery.ack()
             return
         try:
-            async with self._gates[spec.queue].slot(spec.priority) as slot:
-                if self._stopping:
-                    await delivery.requeue()
-                    return
-                await self._settle(delivery, spec, slot)
+            with logs.job_fields(spec.id, spec.task, spec.attempt, spec.queue):
+                async with self._gates[spec.queue].slot(spec.priority) as slot:
+                    if self._stopping:
+                        await delivery.requeue()
+                        return
+                    await self._settle(delivery, spec, slot)
         except NoSlot as exc:
             if not self._stopping:
                 # Every slot of the queue is held by a stuck thread: RabbitMQ's consumer_timeout
@@ -390,7 +393,8 @@ class Runner:
         never outnumber its slots: a task that loops for ever, attempt after attempt, stops its
         own queue in this process, and never takes the threads of another."""
         started = time.monotonic()
-        thread: Future[Any] = self._executor.submit(call)
+        # With this task's context: the job's log fields follow it into the thread.
+        thread: Future[Any] = self._executor.submit(contextvars.copy_context().run, call)
         try:
             return await asyncio.wrap_future(thread)
         finally:

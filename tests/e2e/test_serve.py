@@ -270,3 +270,31 @@ def test_auth_off_on_a_non_loopback_address_is_warned_at_start_up(
         assert ("WARNING: auth is off" in process.log()) is warned, process.log()
     finally:
         assert process.stop() == 0
+
+
+async def test_json_logs_carry_the_job_on_every_line_about_it(
+    prefix: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """`[log] format = "json"`: every line an object; a task's own lines, async or in a thread,
+    and the service's lines about a job name it."""
+    process = ServeProcess("memory://", prefix, {"AIOQUEUE_LOG__FORMAT": "json"}).start(tmp_path)
+    try:
+        await wait_ready(http, process.url)
+        jobs = {}
+        for task in ("says", "says_sync"):
+            job = await submit(http, process.url, {"task": task, "args": {"text": task}})
+            assert (await wait_terminal(http, process.url, job["id"]))["status"] == "succeeded"
+            jobs[task] = job
+    finally:
+        assert process.stop() == 0
+    lines = [line for line in process.log().splitlines() if line.startswith("{")]
+    records = [orjson.loads(line) for line in lines]
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    said_by = {"says": "async says says", "says_sync": "sync says says_sync"}
+    for task, job in jobs.items():
+        (said,) = [r for r in records if r["message"] == said_by[task]]
+        assert said["job_id"] == job["id"], said
+        assert (said["task"], said["attempt"], said["queue"]) == (task, 1, "default")
+    assert not [
+        r for r in records if "job_id" in r and r["job_id"] not in {j["id"] for j in jobs.values()}
+    ]
