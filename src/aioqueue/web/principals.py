@@ -63,12 +63,13 @@ class Limits:
         mine.add(conn)
         return None
 
-    def forget(self, who: Principal, conn: Connection) -> None:
-        mine = self.connections.get(who.name or "")
+    def forget(self, name: str | None, conn: Connection) -> None:
+        """`conn` is no longer one of `name`'s websockets (it closed)."""
+        mine = self.connections.get(name or "")  # no principal has the name "" (config.py)
         if mine is not None:
             mine.discard(conn)
             if not mine:
-                del self.connections[who.name or ""]
+                del self.connections[name or ""]
 
     def subscriptions_left(self, who: Principal) -> int | None:
         """How many more channels `who` may subscribe to over all its websockets; None: no

@@ -133,20 +133,20 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     limits = state.settings.ws
     conn = Connection(ws, limits.send_buffer, limits.max_publishes_per_second, request.transport)
     if who is not None and (refused := state.limits.websocket_refused(who, conn)) is not None:
+        await conn.drain()
         return problem(429, "Too many requests", refused, headers={"Retry-After": "1"})
-    await ws.prepare(request)
-    sock = request.transport.get_extra_info("socket") if request.transport else None
-    if sock is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-    state.connections.add(conn)
-    _signed_in(state, conn, who)
-    try:
+    try:  # from here `conn` counts as one of `who`'s websockets, until the finally
+        _signed_in(state, conn, who)
+        await ws.prepare(request)
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        state.connections.add(conn)
         await conn.serve(_read_frames(state, conn))
     finally:
         if conn.auth_timer is not None:
             conn.auth_timer.cancel()
-        if conn.principal is not None:
-            state.limits.forget(conn.principal, conn)
+        state.limits.forget(conn.identity, conn)
         state.connections.discard(conn)
         state.hub.drop(conn)
         await conn.drain()
@@ -185,8 +185,6 @@ def _expired(state: State, conn: Connection) -> None:
     seconds = state.settings.ws.auth_timeout
     message = f"the token has expired; send a new 'auth' within {seconds:g} s"
     _send(conn, _error("token_expired", message))
-    if conn.principal is not None:
-        state.limits.forget(conn.principal, conn)
     _signed_in(state, conn, None)
 
 
