@@ -318,6 +318,20 @@ async def test_a_frame_over_the_limit_closes_with_1009(client: Client) -> None:
         assert ws.close_code == 1009
 
 
+async def test_a_frame_of_the_limit_is_answered_and_one_byte_more_closes(client: Client) -> None:
+    """aiohttp refuses a frame of its `max_msg_size` too: one of exactly `ws.max_frame_bytes`
+    (2048 here) closed with 1009, where only a larger one should (found by test_ws_fuzz.py)."""
+    frame = '{"op": "ping", "pad": "' + "x" * (2048 - 25) + '"}'
+    assert len(frame) == 2048
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str(frame)
+        assert await receive(ws) == {"type": "pong"}
+        await ws.send_str(frame[:-2] + 'x"}')
+        message = await ws.receive(timeout=5)
+        assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING)
+        assert ws.close_code == 1009
+
+
 async def test_unsubscribe_stops_events(job_client: Client) -> None:
     job = await submit(job_client, {"task": "ticker", "args": {"steps": 20, "interval": 0.02}})
     async with job_client.ws_connect("/v1/ws") as ws:

@@ -121,7 +121,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             return render(exc)
     ws = web.WebSocketResponse(
         protocols=(SUBPROTOCOL,),
-        max_msg_size=state.settings.ws.max_frame_bytes,
+        # aiohttp refuses a frame of max_msg_size bytes too; one of max_frame_bytes is allowed.
+        max_msg_size=state.settings.ws.max_frame_bytes + 1,
         heartbeat=state.settings.ws.heartbeat,
         timeout=CLOSE_TIMEOUT,
         # No permessage-deflate, which browsers offer: aiohttp would compress each frame once
