@@ -1,5 +1,6 @@
-"""What the schemathesis run (tests/e2e/test_openapi_fuzz.py, RELIABILITY row 16) and the hand
-cases beside it found in the HTTP layer, pinned in-process so that each stays fixed."""
+"""What the schemathesis run (tests/e2e/test_openapi_fuzz.py, RELIABILITY row 16), the websocket
+fuzz (tests/e2e/test_ws_fuzz.py) and the hand cases beside them found in the HTTP layer, pinned
+in-process so that each stays fixed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -82,3 +84,37 @@ async def test_an_idempotency_key_header_that_is_not_utf8_is_a_400(client: Clien
     assert b"application/problem+json" in head and b'"field":"Idempotency-Key"' in document
     service = client.app[STATE].service
     assert service is not None and len(service.store) == 0
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+async def test_args_nested_too_deep_are_refused_and_listings_keep_working(client: Client) -> None:
+    """orjson reads 1024 levels but writes 254. Args nested more than 253 levels were a 500 on
+    submit; 252 or 253 levels were accepted, and then every listing that showed the job was a
+    500 (it carries them three levels down) for `result_ttl`. Found by tests/e2e/test_ws_fuzz.py."""
+    headers = {"Content-Type": "application/json"}
+    for depth in (128, 252, 300):  # args = {"key": ..., "values": <depth>}: one level more
+        body = '{"task": "keyword_only", "args": {"key": "k", "values": ' + nested(depth) + "}}"
+        response = await client.post("/v1/jobs", data=body, headers=headers)
+        problem = await response.json()
+        assert response.status == 400, problem
+        assert [error["field"] for error in problem["errors"]] == ["args"], problem
+    body = '{"task": "keyword_only", "args": {"key": "k", "values": ' + nested(127) + "}}"
+    response = await client.post("/v1/jobs", data=body, headers=headers)
+    assert response.status == 202, await response.text()
+    job_id = (await response.json())["id"]
+    response = await client.get("/v1/jobs")
+    assert response.status == 200 and job_id in {
+        job["id"] for job in (await response.json())["jobs"]
+    }
+    async with client.ws_connect("/v1/ws") as ws:
+        job = '{"task": "keyword_only", "args": {"key": "k", "values": ' + nested(300) + "}}"
+        await ws.send_str('{"op": "submit", "job": ' + job + "}")
+        refused = (await ws.receive(timeout=5)).json()
+        assert refused["code"] == "invalid_job" and refused["errors"][0]["field"] == "args"
+        await ws.send_str('{"op": "subscribe", "channel": "job:' + job_id + '"}')
+        assert (await ws.receive(timeout=5)).json()["type"] == "subscribed"
+        snapshot = (await ws.receive(timeout=5)).json()
+        assert snapshot["job"]["args"]["values"] == orjson.loads(nested(127))

@@ -43,6 +43,10 @@ RFC3339 = re.compile(
 )
 #: The longest delay the broker's delay queues can hold (28 binary levels of seconds).
 MAX_DELAY = float(2**28 - 1)
+#: How deep a job's args may nest arrays and objects. Records, events, frames and listings carry
+#: them a few levels down, and orjson writes 254 levels at most (it reads 1024): deeper args were
+#: accepted, then failed every listing that showed the job (a 500) for `result_ttl`.
+MAX_ARGS_DEPTH = 128
 
 
 def new_job_id() -> str:
@@ -85,6 +89,10 @@ def build_spec(
         task.signature.bind(args)
     except InvalidRequest as exc:
         errors += exc.errors
+    if deeper_than(args, MAX_ARGS_DEPTH):
+        errors.append(
+            FieldError("args", f"nested more than {MAX_ARGS_DEPTH} levels of arrays and objects")
+        )
     if errors:
         raise InvalidRequest(f"the job for task {name!r} is invalid", errors)
     size = len(orjson.dumps(args))
@@ -114,6 +122,22 @@ def build_spec(
         idempotency_key=key,
         fingerprint=fingerprint,
     )
+
+
+def deeper_than(value: Any, levels: int) -> bool:
+    """Whether `value` nests arrays and objects more than `levels` deep, level by level (no
+    recursion, and each value looked at once)."""
+    level = [value]
+    for _ in range(levels):
+        level = [
+            child
+            for item in level
+            if isinstance(item, list | dict)
+            for child in (item.values() if isinstance(item, dict) else item)
+        ]
+        if not level:
+            return False
+    return any(isinstance(item, list | dict) for item in level)
 
 
 def _queue(
