@@ -562,6 +562,44 @@ async def test_a_frame_id_comes_back_exactly_or_is_refused(client: Client) -> No
         assert refused["code"] == "bad_frame" and "id" not in refused
 
 
+async def test_an_id_nested_too_deep_is_refused_and_the_connection_stays(client: Client) -> None:
+    """orjson reads 1024 levels but writes 254: an `id` that a reply could not carry back
+    failed the reply, and the websocket with it (found by test_ws_fuzz.py)."""
+    async with client.ws_connect("/v1/ws") as ws:
+        deepest = "[" * 253 + "]" * 253  # the reply puts it one level down
+        await ws.send_str('{"op": "ping", "id": ' + deepest + "}")
+        assert (await receive(ws))["id"] == orjson.loads(deepest)
+        for id_ in ("[" * 254 + "]" * 254, '{"a":' * 300 + "1" + "}" * 300):
+            await ws.send_str('{"op": "ping", "id": ' + id_ + "}")
+            refused = await receive(ws)
+            assert refused["code"] == "bad_frame" and "id" not in refused, refused
+        await ws.send_str('{"op": "ping", "id": "p"}')
+        assert await receive(ws) == {"type": "pong", "id": "p"}
+
+
+@pytest.mark.parametrize(
+    ("op", "named"),
+    [
+        pytest.param("[" * 1000 + "]" * 1000, "of type array", id="nested-past-python-recursion"),
+        pytest.param('{"a": {"b": 1}}', "of type object", id="object"),
+        pytest.param('"' + "o" * 1500 + '"', "'" + "o" * 100 + "'", id="long-string-cut"),
+        pytest.param("null", "None", id="none"),
+    ],
+)
+async def test_an_unknown_op_of_any_type_is_named_briefly(
+    client: Client, op: str, named: str
+) -> None:
+    """The message showed the op's repr: one nested 1000 deep raised RecursionError, which
+    failed the websocket (found by test_ws_fuzz.py); a long one came back whole."""
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str('{"op": ' + op + ', "id": 7}')
+        error = await receive(ws)
+        assert (error["code"], error["id"]) == ("unknown_op", 7)
+        assert error["message"].startswith(f"unknown op {named}; ops are"), error["message"]
+        await ws.send_str('{"op": "ping"}')
+        assert await receive(ws) == {"type": "pong"}
+
+
 async def test_args_over_the_limit_are_a_413_and_leave_no_job(job_client: Client) -> None:
     before = job_count(job_client)
     body = orjson.dumps({"task": "add", "args": {"a": 1, "b": 2, "c": "x" * 1100}})

@@ -55,7 +55,7 @@ server shuts down. A browser page from another origin than the server's own, `lo
 ID = {
     "description": "optional, any JSON value (null counts as none): the reply carries it back;"
     " a number of 2^53 or more that is not an integer below 2^64 is refused (it would not come"
-    " back the same): send such an id as a string"
+    " back the same): send such an id as a string; so is one nested more than 253 levels deep"
 }
 ECHOED_ID = {"description": "the `id` of the op this answers, if it had one"}
 

@@ -205,15 +205,11 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         frame = orjson.loads(data)
         if not isinstance(frame, dict):
             raise FrameError("bad_frame", "a frame is a JSON object with an 'op'")
-        frame_id = frame.get("id")
-        if isinstance(frame_id, float) and abs(frame_id) >= 2**53:
-            # An integer past 2^64 is read as a float: it would come back changed.
-            frame_id = None
-            raise FrameError("bad_frame", "'id' is too large a number to come back exactly")
+        frame_id = _frame_id(frame)
         op = frame.get("op")
         handler = OPS.get(op) if isinstance(op, str) else None
         if handler is None:
-            raise FrameError("unknown_op", f"unknown op {op!r}; ops are {', '.join(OPS)}")
+            raise FrameError("unknown_op", f"unknown op {_shown(op)}; ops are {', '.join(OPS)}")
         if conn.principal is None and op != "auth":
             raise FrameError("unauthorized", 'authenticate first: {"op": "auth", "token": ...}')
         for reply in await handler(state, conn, frame):
@@ -231,6 +227,33 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
         _send(conn, _error("rate_limited", str(exc), retry_after=wait), frame_id)
     except RequestError as exc:  # the policy's refusals (auth.py)
         _send(conn, _error(_CODES.get(type(exc), "bad_frame"), exc.detail), frame_id)
+
+
+def _frame_id(frame: dict[str, Any]) -> Any:
+    """The frame's `id`, for its reply to carry back; FrameError if it would not come back as
+    it was sent (and then the error frame has no `id`)."""
+    frame_id = frame.get("id")
+    if isinstance(frame_id, float) and abs(frame_id) >= 2**53:
+        # An integer past 2^64 is read as a float: it would come back changed.
+        raise FrameError("bad_frame", "'id' is too large a number to come back exactly")
+    if isinstance(frame_id, list | dict):
+        # orjson reads JSON nested 1024 levels deep but writes 254 at most: a deeper id would
+        # fail the reply, not the frame.
+        try:
+            orjson.dumps({"id": frame_id})  # nested as in a reply
+        except TypeError:
+            raise FrameError("bad_frame", "'id' is nested too deeply to come back") from None
+    return frame_id
+
+
+def _shown(op: Any) -> str:
+    """An `op` that is not one, for a message: never all of a long string, and never the repr
+    of an array or object, which could be megabytes, or nested past Python's recursion limit."""
+    if isinstance(op, str):
+        return repr(op[:100])
+    if isinstance(op, list | dict):
+        return f"of type {'array' if isinstance(op, list) else 'object'}"
+    return repr(op)
 
 
 #: The frame code of each refusal of the access policy (`Principal.check_*`).
