@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from aioqueue import App, Context, Settings
 from aioqueue.config import BrokerSettings, HttpSettings, JobsSettings, StoreSettings, WsSettings
+from aioqueue.web import ws as ws_module
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 
@@ -598,6 +599,35 @@ async def test_an_unknown_op_of_any_type_is_named_briefly(
         assert error["message"].startswith(f"unknown op {named}; ops are"), error["message"]
         await ws.send_str('{"op": "ping"}')
         assert await receive(ws) == {"type": "pong"}
+
+
+async def test_an_unexpected_error_in_an_op_closes_the_websocket_with_1011(
+    client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a 500 written into the websocket's stream, which the client read as a frame with
+    reserved bits set (a protocol error), and not the traceback either."""
+
+    async def broken(*args: Any) -> list[Any]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setitem(ws_module.OPS, "ping", broken)
+    async with client.ws_connect("/v1/ws") as ws:
+        await ws.send_str('{"op": "ping"}')
+        message = await ws.receive(timeout=5)
+        assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING), message
+        assert ws.close_code == 1011
+        assert "Traceback" not in (message.extra or "")
+    assert "unexpected error on a websocket" in caplog.text
+
+
+async def test_a_get_that_is_no_handshake_is_a_400_not_an_unexpected_error(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a failure while the websocket is served is closed with 1011: aiohttp's refusal of
+    a request that is no handshake goes on to the problem middleware, as before."""
+    response = await client.get("/v1/ws")
+    assert (response.status, response.content_type) == (400, "application/problem+json")
+    assert "unexpected error" not in caplog.text
 
 
 async def test_args_over_the_limit_are_a_413_and_leave_no_job(job_client: Client) -> None:

@@ -52,6 +52,8 @@ SEND_BUFFER_BYTES = 128 * 1024
 
 #: Close code for a connection that did not authenticate in time, or with a refused token.
 CLOSE_POLICY = 1008
+#: Close code for a frame whose handling failed unexpectedly (a bug): RFC 6455's "internal error".
+CLOSE_INTERNAL = 1011
 
 #: Hosts a browser page may always open the websocket from (a developer's own machine).
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -143,7 +145,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         state.connections.add(conn)
-        await conn.serve(_read_frames(state, conn))
+        try:
+            await conn.serve(_read_frames(state, conn))
+        except Exception:
+            # A bug in an op. The websocket is prepared: the problem middleware's 500 would be
+            # written into its stream, which the client reads as a broken frame.
+            logger.exception("unexpected error on a websocket: closing it with 1011")
+            conn.close(CLOSE_INTERNAL, "internal error; the server log has it")
+            await conn.wait_closed()
     finally:
         if conn.auth_timer is not None:
             conn.auth_timer.cancel()
