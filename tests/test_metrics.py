@@ -385,22 +385,34 @@ async def test_under_mount_only_aioqueues_own_routes_are_counted(
 
     web_app = web.Application()
     web_app.router.add_get("/hello", hello)
-    make_app(gates).mount(web_app)
+    app = make_app(gates)
+    app.mount(web_app)
+
+    @app.task
+    async def late() -> str:
+        """Registered after the mount: counted by its name all the same."""
+        return "late"
+
     client = await aiohttp_client(web_app)
     await client.get("/hello")
     await client.get("/missing")
-    await client.get("/healthz")
+    deadline = time.monotonic() + 10
+    while (await client.get("/readyz")).status != 200:
+        assert time.monotonic() < deadline, "not ready in time"
+        await asyncio.sleep(0.01)
+    job = await submit(client, {"task": "late"})
+    await finished(client, job["id"])
     samples = await scrape(client)
     counted = {
         dict(labels)["route"]
         for (name, labels) in samples
         if name == "aioqueue_http_requests_total"
     }
-    assert counted == {"/healthz"}  # (a scrape is counted once it is answered)
-    assert (
-        value(samples, "aioqueue_http_requests_total", route="/healthz", method="GET", status="200")
-        == 1
-    )
+    # Not /hello, nor the 404 of /missing: the application's own. (A scrape is counted once it
+    # is answered.)
+    assert counted == {"/readyz", "/v1/jobs", "/v1/jobs/{id}"}
+    assert value(samples, "aioqueue_jobs_submitted_total", task="late") == 1
+    assert value(samples, "aioqueue_jobs_finished_total", task="late", status="succeeded") == 1
 
 
 # Websockets ----------------------------------------------------------------------------------
@@ -628,7 +640,7 @@ def test_waited_counts_from_when_the_attempt_was_due() -> None:
 
 
 def test_label_values_are_bounded() -> None:
-    metrics = Metrics(tasks=["add"], queues=["default"])
+    metrics = Metrics(["add"])
     assert metrics.task("add") == "add"
     assert metrics.task("someone-elses-task") == "other"
     metrics.dead_lettered("add", "undecodable: unexpected character at line 1")

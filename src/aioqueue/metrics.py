@@ -17,7 +17,7 @@ the app's, a status or a reason is one of a fixed set; never a job id or a raw p
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -65,6 +65,24 @@ JOB_BUCKETS = (
 CONFIRM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _Children(dict[tuple[str, ...], Any]):
+    """A family's labelled children by their label values, each made on first use: a dict
+    lookup, cheaper than prometheus-client's own `labels()` (a lock, a tuple) on every count."""
+
+    def __init__(self, family: Any) -> None:
+        super().__init__()
+        self._family = family
+
+    def __missing__(self, values: tuple[str, ...]) -> Any:
+        child = self[values] = self._family.labels(*values)
+        return child
+
+    def make(self, *values: str) -> None:
+        """Make the child now: a series that appears only at its first increment hides that
+        increment from rate(), and the families are complete from the start."""
+        self[values]  # __missing__ makes it
+
+
 class WsTally:
     """Websocket frames and closes, in plain integers: a fan-out sends a frame to every
     subscriber, and a prometheus-client counter (a lock per increment) would cost more there than
@@ -91,10 +109,11 @@ class Metrics:
     Not the global default registry: several apps, or tests, in one process each have their own.
     """
 
-    def __init__(self, tasks: Collection[str] = (), queues: Collection[str] = ()) -> None:
+    def __init__(self, tasks: Collection[str] = ()) -> None:
         self.registry = CollectorRegistry()
-        self.tasks = frozenset(tasks)
-        self.queues = tuple(sorted(queues))
+        #: The app's task names: kept as given (an App's own dict), so that a task registered
+        #: after the application was mounted is counted by its name too.
+        self.tasks = tasks
         registry = self.registry
         self.jobs_submitted = Counter(
             "aioqueue_jobs_submitted",
@@ -156,35 +175,34 @@ class Metrics:
             registry=registry,
         )
         self.ws = WsTally()
-        # Each task's children made now: a series that appears only at its first increment
-        # hides that increment from rate(), and the families are complete from the start.
-        self._submitted = {task: self.jobs_submitted.labels(task) for task in (*tasks, OTHER)}
-        self._started = {task: self.jobs_started.labels(task) for task in (*tasks, OTHER)}
-        self._retries = {task: self.job_retries.labels(task) for task in (*tasks, OTHER)}
-        self._run = {task: self.job_run_seconds.labels(task) for task in (*tasks, OTHER)}
-        self._wait = {task: self.job_wait_seconds.labels(task) for task in (*tasks, OTHER)}
-        self._finished = {
-            (task, status): self.jobs_finished.labels(task, status)
-            for task in (*tasks, OTHER)
-            for status in FINISHED
-        }
+        self._submitted = _Children(self.jobs_submitted)
+        self._started = _Children(self.jobs_started)
+        self._retries = _Children(self.job_retries)
+        self._run = _Children(self.job_run_seconds)
+        self._wait = _Children(self.job_wait_seconds)
+        self._finished = _Children(self.jobs_finished)
+        for task in (*tasks, OTHER):
+            for children in (self._submitted, self._started, self._retries, self._run, self._wait):
+                children.make(task)
+            for status in FINISHED:
+                self._finished.make(task, status)
 
     def task(self, name: str) -> str:
         """The task label of `name`: itself if this app registers it, else `other`."""
         return name if name in self.tasks else OTHER
 
     def submitted(self, task: str) -> None:
-        self._submitted[self.task(task)].inc()
+        self._submitted[(self.task(task),)].inc()
 
     def started(self, task: str, waited: float | None) -> None:
         """An attempt starts here, after waiting `waited` seconds (None: unknown, see `waited`)."""
-        label = self.task(task)
+        label = (self.task(task),)
         self._started[label].inc()
         if waited is not None:
             self._wait[label].observe(waited)
 
     def ran(self, task: str, seconds: float) -> None:
-        self._run[self.task(task)].observe(seconds)
+        self._run[(self.task(task),)].observe(seconds)
 
     def dead_lettered(self, task: str, reason: str) -> None:
         """A job message put in the dead-letter queue; `reason` as the runner or broker says it
@@ -206,7 +224,7 @@ class Metrics:
         def on_change(event: str, job: Job) -> None:
             if event == "retrying":
                 if own():
-                    retries[self.task(job.task)].inc()
+                    retries[(self.task(job.task),)].inc()
             elif event in FINISHED and own():
                 finished[self.task(job.task), event].inc()
 

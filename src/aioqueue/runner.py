@@ -377,6 +377,15 @@ class Runner:
             self.running.pop(job_id, None)
 
     async def _call(self, task: Task[Any, Any], spec: JobSpec, slot: Slot) -> Any:
+        """The attempt's task called, and the time it took counted, however it ended: a
+        timeout or a cancel is time the attempt took too."""
+        began = time.monotonic()
+        try:
+            return await self._call_task(task, spec, slot)
+        finally:
+            self._metrics.ran(task.name, time.monotonic() - began)
+
+    async def _call_task(self, task: Task[Any, Any], spec: JobSpec, slot: Slot) -> Any:
         positional, keyword = task.signature.bind(spec.args)
         hooks = _Hooks(self._log, self._submit, self._publish, spec)
         loop = asyncio.get_running_loop()
@@ -387,16 +396,11 @@ class Runner:
                 else SyncContext(spec.id, task.name, spec.attempt, hooks, loop)
             )
             positional.insert(0, ctx)
-        began = time.monotonic()
-        try:
-            async with asyncio.timeout(spec.timeout):
-                if task.is_async:
-                    return await task.fn(*positional, **keyword)
-                call = functools.partial(self._count_busy, task.fn, positional, keyword)
-                return await self._in_thread(call, task, spec, slot)
-        finally:
-            # Whatever ended the attempt: a timeout or a cancel is time the attempt took too.
-            self._metrics.ran(task.name, time.monotonic() - began)
+        async with asyncio.timeout(spec.timeout):
+            if task.is_async:
+                return await task.fn(*positional, **keyword)
+            call = functools.partial(self._count_busy, task.fn, positional, keyword)
+            return await self._in_thread(call, task, spec, slot)
 
     async def _in_thread(
         self, call: Callable[[], Any], task: Task[Any, Any], spec: JobSpec, slot: Slot

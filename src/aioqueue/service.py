@@ -115,7 +115,7 @@ class Service:
         self.registry = registry
         self.settings = settings
         self.state = ServiceState.STARTING
-        self.metrics = metrics if metrics is not None else Metrics(registry.tasks, registry.queues)
+        self.metrics = metrics if metrics is not None else Metrics(registry.tasks)
         self.broker = make_broker(
             settings.broker, settings.store.log_max_bytes, settings.topics, self.metrics
         )

@@ -48,7 +48,7 @@ class State:
         self.hub = Hub(self.settings.topics.max_catch_ups, tracebacks=auth.mode == "none")
         self.authenticator = authenticator(auth)  # ConfigError for a key it cannot use
         self.limits = Limits(auth)
-        self.metrics = Metrics(self.registry.tasks, self.registry.queues)
+        self.metrics = Metrics(self.registry.tasks)
 
     def caller(self, request: web.Request) -> Principal:
         """Who sent the request (its `Authorization` header); `Unauthorized` (401) if nobody."""
