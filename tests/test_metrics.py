@@ -291,7 +291,7 @@ async def test_a_failing_job_moves_retries_failed_and_dead_lettered(
 
 
 @pytest.mark.timeout(60)
-async def test_queue_depth_and_consumers_by_band_and_a_cancel(
+async def test_queue_depth_and_consumers_by_band_a_cancel_and_an_expiry(
     serve: Serve, broker_url: str, gates: Gates
 ) -> None:
     client = await serve(broker_url)
@@ -300,6 +300,8 @@ async def test_queue_depth_and_consumers_by_band_and_a_cancel(
     for priority in (0, 0, 0, 8, 8):
         await submit(client, {"task": "hold", "priority": priority})
     delayed = await submit(client, {"task": "add", "args": {"a": 1}, "delay": 600})
+    # Not started within its ttl, behind the holds: dead when a consumer gets to it.
+    expiring = await submit(client, {"task": "add", "args": {"a": 2}, "ttl": 0.05, "priority": 1})
 
     def band(samples: Samples, band: str, name: str = "aioqueue_queue_depth") -> float:
         return value(samples, name, queue="default", band=band)
@@ -307,7 +309,7 @@ async def test_queue_depth_and_consumers_by_band_and_a_cancel(
     # On RabbitMQ each band has a consumer that holds one message while it waits for the slot;
     # memory:// has one consumer for the queue, and the slot's credit is the running job's.
     high = 1 if broker_url.startswith("amqp") else 2
-    samples = await settled(client, lambda s: (band(s, "0-3"), band(s, "7-9")) == (3, high))
+    samples = await settled(client, lambda s: (band(s, "0-3"), band(s, "7-9")) == (4, high))
     assert band(samples, "4-6") == 0  # and the delayed job waits elsewhere, in no band
     for name in ("0-3", "4-6", "7-9"):
         assert band(samples, name, "aioqueue_queue_consumers") == 1
@@ -315,6 +317,7 @@ async def test_queue_depth_and_consumers_by_band_and_a_cancel(
 
     cancel = await client.delete(f"/v1/jobs/{delayed['id']}")
     assert cancel.status == 202
+    await asyncio.sleep(0.1)  # past the expiring job's ttl
     gates.hold.set()
     assert (await finished(client, held["id"]))["status"] == "succeeded"
     samples = await settled(
@@ -325,6 +328,12 @@ async def test_queue_depth_and_consumers_by_band_and_a_cancel(
         ),
     )
     assert value(samples, "aioqueue_jobs_finished_total", task="add", status="cancelled") == 1
+    assert (await finished(client, expiring["id"]))["status"] == "dead"
+    samples = await settled(
+        client, lambda s: value(s, "aioqueue_jobs_finished_total", task="add", status="dead") == 1
+    )
+    assert value(samples, "aioqueue_jobs_dead_lettered_total", task="add", reason="expired") == 1
+    assert value(samples, "aioqueue_jobs_started_total", task="add") == 0  # it never ran
 
 
 # What this process holds ---------------------------------------------------------------------
