@@ -67,12 +67,13 @@ def install(
     web_app.router.add_get("/openapi.json", openapi_json)
     web_app.router.add_get("/asyncapi.json", asyncapi_json)
     web_app.router.add_get("/metrics", metrics)
+    web_app.cleanup_ctx.append(_lifecycle)
+    web_app.on_shutdown.append(_close_websockets)
+    # Last, so that every route added above is counted as aioqueue's own.
     requests = HttpRequests(state.metrics, standalone)
     requests.resources.update(set(web_app.router.resources()) - before)
     web_app.on_response_prepare.append(requests.on_response_prepare)
     state.metrics.registry.register(WebGauges(state))
-    web_app.cleanup_ctx.append(_lifecycle)
-    web_app.on_shutdown.append(_close_websockets)
 
 
 async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:

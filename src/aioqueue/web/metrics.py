@@ -64,8 +64,8 @@ class HttpRequests:
 
     async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         resource = request.match_info.route.resource
-        if resource is not None and resource in self.resources:
-            route = resource.canonical
+        if resource is not None and (self._standalone or resource in self.resources):
+            route = resource.canonical  # every route of a standalone application is aioqueue's
         elif self._standalone:
             route = UNMATCHED
         else:
