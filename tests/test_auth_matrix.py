@@ -61,6 +61,7 @@ HTTP: dict[str, tuple[str, str, Any, tuple[int, ...]]] = {
     "readyz":        ("GET",    "/readyz",                  None,  (200, 200, 200, 200, 200, 200, 200)),
     "openapi":       ("GET",    "/openapi.json",            None,  (200, 200, 200, 200, 200, 200, 200)),
     "asyncapi":      ("GET",    "/asyncapi.json",           None,  (200, 200, 200, 200, 200, 200, 200)),
+    "metrics":       ("GET",    "/metrics",                 None,  (200, 200, 200, 200, 200, 200, 200)),
 }
 
 UNAUTH = ("unauthorized", "unauthorized", "token_expired")

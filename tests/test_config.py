@@ -300,7 +300,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 7 + 4 + 13 + 1
+    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 7 + 4 + 13 + 1 + 1
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:
@@ -380,3 +380,20 @@ def test_a_bad_allowed_origins_is_a_one_line_error(tmp_path: Path, value: str) -
 def test_allowed_origins_in_the_environment_must_be_a_json_list(tmp_path: Path) -> None:
     message = error_of(tmp_path, environ={"AIOQUEUE_WS__ALLOWED_ORIGINS": "https://app.example"})
     assert "AIOQUEUE_WS__ALLOWED_ORIGINS" in message and "expected a list of origins" in message
+
+
+def test_a_boolean_comes_as_toml_true_or_false_or_those_words_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "[metrics]\nrequire_admin = true\n")
+    assert load(path, environ={}).metrics.require_admin is True
+    for word, expected in (("true", True), ("False", False), (" TRUE ", True)):
+        settings = load(environ={"AIOQUEUE_METRICS__REQUIRE_ADMIN": word})
+        assert settings.metrics.require_admin is expected
+    message = error_of(tmp_path, "[metrics]\nrequire_admin = 1\n")
+    assert message.startswith("metrics.require_admin = 1 (from")
+    message = error_of(tmp_path, environ={"AIOQUEUE_METRICS__REQUIRE_ADMIN": "yes"})
+    assert message == (
+        "metrics.require_admin = 'yes' (from AIOQUEUE_METRICS__REQUIRE_ADMIN): expected true or"
+        " false"
+    )

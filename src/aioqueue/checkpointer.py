@@ -68,6 +68,12 @@ class Checkpointer:
         """The checkpoints the log told of and that are not deleted, oldest first."""
         return list(self._store.meta("checkpoints") or [])
 
+    @property
+    def newest_at(self) -> float | None:
+        """When the newest finished checkpoint the log told of was written; None if none."""
+        done = [entry["at"] for entry in self.known if entry["checkpoint"] == "done"]
+        return done[-1] if done else None
+
     def _noted(self, event: dict[str, Any]) -> None:
         known = self.known
         phase = event["checkpoint"]

@@ -39,7 +39,7 @@ _Ok = Callable[[Any], bool | str]  # True, or False (the value is not `expected`
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
-    kind: type  # int, float, str or tuple (of str): what the value must be once parsed
+    kind: type  # int, float, bool, str or tuple (of str): what the value must be once parsed
     expected: str  # what a good value looks like
     ok: _Ok
     optional: bool = False  # "" means unset (None)
@@ -300,6 +300,12 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    # GET /metrics needs a principal with jobs:admin (401/403 as the API); else open to all.
+    require_admin: bool = _key(False, bool, "expected true or false", lambda _: True)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     app: str | None = _pattern(None, r"[\w.]+:[\w.]+", "expected 'module:attribute'", optional=True)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -310,6 +316,7 @@ class Settings:
     topics: TopicsSettings = field(default_factory=TopicsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str | None = None  # the config.toml that was read; not a key
 
 
@@ -372,6 +379,8 @@ def _parse(text: str, kind: type) -> object:
         return tuple(value) if isinstance(value, list) else None
     if kind is int:
         return int(text) if re.fullmatch(r"[+-]?[0-9]+", text.strip()) else None
+    if kind is bool:  # TOML's words; any case, as environments often capitalise them
+        return {"true": True, "false": False}.get(text.strip().lower())
     try:
         return float(text)
     except ValueError:

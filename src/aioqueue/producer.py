@@ -18,6 +18,7 @@ from aioqueue.errors import Conflict, NotFound, StoreFull
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Cancelled, JobSpec, Retried
 from aioqueue.jobs import RETRYABLE, Job, JobStatus
+from aioqueue.metrics import Metrics
 from aioqueue.store import ChangeListener, JobStore, scoped_key
 from aioqueue.submission import build_spec
 from aioqueue.tasks import Registry
@@ -33,8 +34,10 @@ class Jobs:
         store: JobStore,
         max_timeout: float,
         check_open: Callable[[bool], None],
+        metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
+        self._metrics = metrics if metrics is not None else Metrics(registry.tasks)
         self._settings = settings
         self._broker = broker
         self._log = log
@@ -116,7 +119,9 @@ class Jobs:
         spec = spec if owner is None else spec.replace(owner=owner)
         self._check_open(True)
         if spec.idempotency_key is None:
-            return await self._publish(spec), True
+            job = await self._publish(spec)
+            self._metrics.submitted(spec.task)
+            return job, True
         key = scoped_key(owner, spec.idempotency_key)
         # Concurrent repeats in this process wait for the first; across processes, the log's
         # order decides (`JobStore.create`).
@@ -132,7 +137,10 @@ class Jobs:
             self._submitting.pop(key).set_result(None)
         first = self._first_for(spec)
         assert first is not None
-        return first, first.id == spec.id
+        created = first.id == spec.id  # else another process's first submit of the key won
+        if created:
+            self._metrics.submitted(spec.task)
+        return first, created
 
     async def _publish(self, spec: JobSpec) -> Job:
         await self._make_room()

@@ -40,6 +40,7 @@ from aioqueue.eventlog import EventLog
 from aioqueue.events import Dead, Failed, JobSpec, Progress, Retrying, Started, Succeeded
 from aioqueue.gate import NoSlot, PriorityGate, Slot
 from aioqueue.jobs import Job, JobStatus
+from aioqueue.metrics import Metrics, waited
 from aioqueue.store import JobStore
 from aioqueue.tasks import Task
 
@@ -133,11 +134,13 @@ class Runner:
         concurrency: int,
         max_wait: float,
         give_back_after: float | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """`concurrency` jobs of each queue run at once; a job waiting for a slot goes first
         after `max_wait` seconds, and, with `give_back_after`, goes back to the broker after that
         long if every slot of its queue is held by a stuck thread (see `stuck_threads`)."""
         self._tasks = tasks
+        self._metrics = metrics if metrics is not None else Metrics(tasks)
         self._defaults = defaults
         self._log = log
         self._broker = broker
@@ -208,7 +211,7 @@ class Runner:
             spec = JobSpec.decode(delivery.body)
         except ValueError as exc:  # orjson's JSONDecodeError is a ValueError
             logger.error("dead-lettering an undecodable job message: %s", exc)
-            await self._broker.dead_letter(delivery.body, f"undecodable: {exc}")
+            await self._dead_letter(delivery.body, f"undecodable: {exc}", task="")
             await delivery.ack()
             return
         try:
@@ -262,6 +265,12 @@ class Runner:
             return
         error = {"type": "DeadLetter", "message": f"dead-lettered by the broker: {reason}"}
         await self._log.append(Dead(spec.id, spec.attempt, error))
+        self._metrics.dead_lettered(spec.task, reason)
+
+    async def _dead_letter(self, body: bytes, reason: str, task: str) -> None:
+        """Keep a job message in the dead-letter queue, and count it."""
+        await self._broker.dead_letter(body, reason)
+        self._metrics.dead_lettered(task, reason)
 
     async def _handle(self, delivery: Delivery, spec: JobSpec, slot: Slot) -> None:
         """Catch up with the log, decide (`admission.admit`), act."""
@@ -283,6 +292,9 @@ class Runner:
                 return
             job = self._store.get(job_id)
             decision = admit(job, message, FirstCopy.ENDED, task_known, time.time())
+        if decision.admission is Admission.RUN:
+            assert job is not None  # admit() runs only a job it has the record of
+            self._metrics.started(spec.task, waited(job, time.time()))
         await self._act(decision, delivery, spec, slot)
 
     async def _catch_up(self, job_id: str, message: Message) -> Job | None:
@@ -331,10 +343,10 @@ class Runner:
             # a finished job forgotten since (cancelled while its message waited), or a lost
             # state. Never run it; keep the message where an operator can look.
             logger.warning("job %s: %s: kept as a dead letter, not run", job_id, decision.reason)
-            await self._broker.dead_letter(delivery.body, "unknown job")
+            await self._dead_letter(delivery.body, "unknown job", spec.task)
         elif admission in DEATHS:
             error_type, dead_letter_reason = DEATHS[admission]
-            await self._broker.dead_letter(delivery.body, dead_letter_reason)
+            await self._dead_letter(delivery.body, dead_letter_reason, spec.task)
             error = {"type": error_type, "message": decision.reason}
             await self._log.append(Dead(job_id, attempt, error))
         else:
@@ -368,6 +380,15 @@ class Runner:
             self.running.pop(job_id, None)
 
     async def _call(self, task: Task[Any, Any], spec: JobSpec, slot: Slot) -> Any:
+        """The attempt's task called, and the time it took counted, however it ended: a
+        timeout or a cancel is time the attempt took too."""
+        began = time.monotonic()
+        try:
+            return await self._call_task(task, spec, slot)
+        finally:
+            self._metrics.ran(task.name, time.monotonic() - began)
+
+    async def _call_task(self, task: Task[Any, Any], spec: JobSpec, slot: Slot) -> Any:
         positional, keyword = task.signature.bind(spec.args)
         hooks = _Hooks(self._log, self._submit, self._publish, spec)
         loop = asyncio.get_running_loop()
@@ -461,7 +482,7 @@ class Runner:
         the job fails and its message is dead-lettered."""
         job_id, attempt = spec.id, spec.attempt
         if last or attempt >= spec.max_attempts:
-            await self._broker.dead_letter(body, "failed")
+            await self._dead_letter(body, "failed", task.name)
             await self._log.append(Failed(job_id, attempt, error))
             return
         delay = await self._publish_retry(spec, self._backoff(task, attempt))

@@ -17,7 +17,9 @@ from aioqueue.checkpointer import Checkpointer
 from aioqueue.config import BrokerSettings, Settings, StoreSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, ConfigError, NotReady
 from aioqueue.eventlog import EventLog
+from aioqueue.gauges import ServiceGauges
 from aioqueue.jobtopics import JobEvents
+from aioqueue.metrics import Metrics
 from aioqueue.producer import Jobs
 from aioqueue.publisher import Topics
 from aioqueue.runner import Runner
@@ -38,6 +40,7 @@ def make_broker(
     settings: BrokerSettings,
     log_max_bytes: int = StoreSettings().log_max_bytes,
     topics: TopicsSettings | None = None,
+    metrics: Metrics | None = None,
 ) -> Broker:
     if settings.url.startswith("memory:"):
         return MemoryBroker(
@@ -45,7 +48,7 @@ def make_broker(
         )
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
-    return AmqpBroker(settings, log_max_bytes, topics)
+    return AmqpBroker(settings, log_max_bytes, topics, metrics)
 
 
 def check_timeouts(registry: Registry, settings: Settings) -> None:
@@ -103,12 +106,19 @@ class Service:
     """One running aioqueue: the producer side (`jobs`), the worker side (`runner`), and what
     both stand on (broker, event log, job store, checkpoints), started and stopped in order."""
 
-    def __init__(self, registry: Registry, settings: Settings) -> None:
+    def __init__(
+        self, registry: Registry, settings: Settings, metrics: Metrics | None = None
+    ) -> None:
+        """`metrics`: where to count (a served application's, which counts HTTP and websockets
+        into it too); by default a registry of the service's own, `self.metrics.registry`."""
         check_timeouts(registry, settings)
         self.registry = registry
         self.settings = settings
         self.state = ServiceState.STARTING
-        self.broker = make_broker(settings.broker, settings.store.log_max_bytes, settings.topics)
+        self.metrics = metrics if metrics is not None else Metrics(registry.tasks)
+        self.broker = make_broker(
+            settings.broker, settings.store.log_max_bytes, settings.topics, self.metrics
+        )
         self.store_file = claim_store_file(settings) if self.broker.durable else None
         result_ttl, max_bytes = settings.jobs.result_ttl, settings.store.max_bytes
         self.store = (
@@ -129,7 +139,14 @@ class Service:
             settings.broker.consumer_timeout if self.broker.durable else submission.MAX_TIMEOUT
         )
         self.jobs = Jobs(
-            registry, settings, self.broker, self.log, self.store, max_timeout, self._check_open
+            registry,
+            settings,
+            self.broker,
+            self.log,
+            self.store,
+            max_timeout,
+            self._check_open,
+            self.metrics,
         )
         self.topics = Topics(
             self.broker.topics, settings.topics.max_message_bytes, self._check_open
@@ -157,7 +174,12 @@ class Service:
             # would close their channel (a reconnect), and another process may have room. On
             # memory:// there is no other process, and no consumer_timeout: they wait.
             give_back_after=settings.broker.consumer_timeout / 4 if self.broker.durable else None,
+            metrics=self.metrics,
         )
+        self.store.listeners.append(self.metrics.outcome_listener(lambda: self.log.applying_own))
+        #: What a scrape reads of this service (queues, broker, log); `refresh()` it first.
+        self.gauges = ServiceGauges(self)
+        self.metrics.registry.register(self.gauges)
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -214,6 +236,9 @@ class Service:
 
     async def close(self) -> None:
         self.state = ServiceState.STOPPING
+        # The registry may outlive the service (a served application's): it reads no closed store.
+        with contextlib.suppress(KeyError):  # closed twice
+            self.metrics.registry.unregister(self.gauges)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

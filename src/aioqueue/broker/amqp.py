@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from typing import Any
 
@@ -40,9 +42,21 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
 from aioqueue.broker.amqp_topics import SKIPPED_PER_SEGMENT, AmqpTopics
-from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.broker.base import (
+    PRIORITY_BANDS,
+    Broker,
+    DeadHandler,
+    Delivery,
+    DeliveryHandler,
+    Inspection,
+    LogHandler,
+    LogKind,
+    QueueBand,
+    band,
+)
 from aioqueue.config import BrokerSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
+from aioqueue.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +78,12 @@ SETTLE_TIMEOUT = 1.0
 #: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9. Each band has its
 #: own consumer; the process starts what they hand it by exact priority (see gate.py).
 BAND_SUFFIXES = ("", ".p4", ".p7")
+#: Seconds `inspect()` may take in all (a passive declare per band, and a look at the log).
+INSPECT_TIMEOUT = 2.0
 
 
 def band_suffix(priority: int) -> str:
-    return BAND_SUFFIXES[(priority >= 4) + (priority >= 7)]
+    return BAND_SUFFIXES[band(priority)]
 
 
 @contextlib.contextmanager
@@ -240,9 +256,16 @@ class AmqpBroker(Broker):
     delay_resolution = 1.0
 
     def __init__(
-        self, settings: BrokerSettings, log_max_bytes: int, topics: TopicsSettings | None = None
+        self,
+        settings: BrokerSettings,
+        log_max_bytes: int,
+        topics: TopicsSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
+        self._metrics = metrics if metrics is not None else Metrics()
+        #: Sessions that got as far as attaching every consumer: all but the first are reconnects.
+        self._sessions_up = 0
         self.topics = AmqpTopics(settings, topics or TopicsSettings(), self._publish_topic_message)
         self._log_max_bytes = log_max_bytes
         prefix = settings.prefix
@@ -345,6 +368,9 @@ class AmqpBroker(Broker):
                 await self._attach(session, queue)
         self._problem = None
         self._connected.set()
+        self._sessions_up += 1
+        if self._sessions_up > 1:
+            self._metrics.broker_reconnects.inc()
         logger.info("connected to RabbitMQ at %s", connection.url.host)
         await session.lost.wait()
         self._problem = session.why or "connection to RabbitMQ lost; reconnecting"
@@ -623,6 +649,64 @@ class AmqpBroker(Broker):
             return self._overdue_problem()
         return None
 
+    @property
+    def connected(self) -> bool:
+        session = self._session
+        return session is not None and bool(session.exchanges) and not session.lost.is_set()
+
+    async def inspect(self) -> Inspection:
+        """Passive declares of each band's queue, and the event log's newest chunk, on a channel
+        of their own: a queue deleted under it closes that channel, not the session's."""
+        session = self._session
+        if session is None or not self.connected:
+            raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
+        with translate_errors("inspect"):
+            async with asyncio.timeout(INSPECT_TIMEOUT):
+                opened = await session.connection.channel(publisher_confirms=False)
+                try:
+                    channel = await opened.get_underlay_channel()
+                    bands = await self._bands(channel)
+                    head = await self._log_head(channel)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await opened.close()
+        return Inspection(bands, head)
+
+    async def _bands(self, channel: RawChannel) -> tuple[QueueBand, ...]:
+        bands = []
+        for queue in sorted(self._queues):
+            for band_name, name in zip(PRIORITY_BANDS, self.queue_names(queue), strict=True):
+                ok = await channel.queue_declare(name, passive=True)
+                bands.append(
+                    QueueBand(queue, band_name, ok.message_count or 0, ok.consumer_count or 0)
+                )
+        return tuple(bands)
+
+    async def _log_head(self, channel: RawChannel) -> int | None:
+        """The offset of the first entry of the event log's newest chunk: a stream's declare-ok
+        counts no messages (measured on 3.10.8), and a consumer from `last` gets that entry
+        first. Short of the very newest by the entries written in the same chunk as it (a few,
+        or a batch under load); None if the log has none."""
+        await channel.basic_qos(prefetch_count=1)
+        first: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(message: DeliveredMessage) -> None:
+            offset = _headers(message).get("x-stream-offset")
+            if not first.done():
+                first.set_result(offset if isinstance(offset, int) else None)
+
+        name = self.names["events"]
+        ok = await channel.basic_consume(name, on_message, arguments={"x-stream-offset": "last"})
+        try:
+            # The delivery comes at once if there is any; an empty log delivers nothing.
+            async with asyncio.timeout(INSPECT_TIMEOUT / 4):
+                return await first
+        except TimeoutError:
+            return None
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.basic_cancel(str(ok.consumer_tag))
+
     def _overdue_problem(self) -> str:
         return (
             f"RabbitMQ has not confirmed a submit within {self._settings.confirm_timeout:g} s"
@@ -659,6 +743,9 @@ class AmqpBroker(Broker):
                 session.exchanges[exchange].publish(message, routing_key)
             )
             confirming.add_done_callback(_retrieve)
+            # Every confirm, also one that comes after its caller stopped waiting: the slow
+            # ones are what the histogram is for.
+            confirming.add_done_callback(functools.partial(self._confirmed, time.monotonic()))
             session.watch_confirm(confirming, heartbeat)
             try:
                 # Shielded: a confirm that comes after the timeout still tells that the broker
@@ -702,6 +789,10 @@ class AmqpBroker(Broker):
         await self._publish(
             "default", self.names["dlq"], body, headers={"x-aioqueue-reason": reason}
         )
+
+    def _confirmed(self, since: float, confirming: asyncio.Future[Any]) -> None:
+        if not confirming.cancelled() and confirming.exception() is None:
+            self._metrics.broker_confirm_seconds.observe(time.monotonic() - since)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

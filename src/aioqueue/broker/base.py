@@ -29,8 +29,39 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Coroutine
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
+
+#: Job priorities are served in three bands (RabbitMQ's quorum queues have no priorities: one
+#: queue per band, see amqp.py), named by the priorities each takes.
+PRIORITY_BANDS = ("0-3", "4-6", "7-9")
+
+
+def band(priority: int) -> int:
+    """The index in `PRIORITY_BANDS` of the band of a priority (0 to 9)."""
+    return (priority >= 4) + (priority >= 7)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueBand:
+    """One priority band of a job queue as the broker sees it: every process's consumers."""
+
+    queue: str
+    band: str
+    #: Messages ready to be delivered (not those delivered and not yet acked, nor delayed ones).
+    ready: int
+    consumers: int
+
+
+@dataclass(frozen=True, slots=True)
+class Inspection:
+    """What the broker tells of itself when asked (`Broker.inspect`), for metrics."""
+
+    bands: tuple[QueueBand, ...]
+    #: The offset of the newest entry of the event log, as far as the broker tells (None: it is
+    #: empty, or did not say).
+    log_head: int | None
 
 
 class LogKind(StrEnum):
@@ -147,6 +178,17 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def problem(self) -> str | None:
         """None if connected, topology declared and every consumer attached; else why not."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether it is connected with its topology declared: publishes can be made."""
+
+    @abc.abstractmethod
+    async def inspect(self) -> Inspection:
+        """Each priority band of each queue (ready messages, consumers) and the event log's
+        newest offset. A few round trips to the broker: callers cache it. Raises
+        BrokerUnavailable."""
 
     @abc.abstractmethod
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:

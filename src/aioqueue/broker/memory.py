@@ -16,7 +16,18 @@ from collections.abc import Collection, Coroutine
 from typing import Any
 
 from aioqueue import compactjson
-from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.broker.base import (
+    PRIORITY_BANDS,
+    Broker,
+    DeadHandler,
+    Delivery,
+    DeliveryHandler,
+    Inspection,
+    LogHandler,
+    LogKind,
+    QueueBand,
+    band,
+)
 from aioqueue.broker.memory_topics import MemoryTopics
 from aioqueue.config import TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
@@ -80,6 +91,9 @@ class MemoryBroker(Broker):
         #: Per queue: (-priority, arrival, delivery), so higher priorities come out first.
         self._queues: dict[str, asyncio.PriorityQueue[tuple[int, int, MemoryDelivery]]] = {}
         self._arrivals = itertools.count()
+        #: Per queue: the messages of each priority band in it (for `inspect`; a PriorityQueue
+        #: can only tell its length).
+        self._ready: dict[str, list[int]] = {}
         #: Per queue: messages out of their delay that found it full, waiting for room in order.
         self._waiting: dict[str, collections.deque[tuple[bytes, int]]] = {}
         self._credit: dict[str, asyncio.Semaphore] = {}
@@ -87,7 +101,7 @@ class MemoryBroker(Broker):
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
         self._on_log: LogHandler | None = None
-        self._offsets = itertools.count()
+        self._next_offset = 0
         self._on_dead: DeadHandler | None = None
         self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque()
         self._dead_letter_bytes = 0
@@ -102,6 +116,7 @@ class MemoryBroker(Broker):
         self._on_log, self._on_dead = on_log, on_dead
         for name in queues:
             self._queues[name] = asyncio.PriorityQueue()
+            self._ready[name] = [0] * len(PRIORITY_BANDS)
             self._waiting[name] = collections.deque()
             self._credit[name] = asyncio.Semaphore(self._prefetch)
 
@@ -112,6 +127,7 @@ class MemoryBroker(Broker):
         while True:
             await self._credit[queue].acquire()
             *_, delivery = await self._queues[queue].get()
+            self._ready[queue][band(delivery.priority)] -= 1
             self._admit_waiting(queue)
             self._spawn(handler(delivery))
 
@@ -123,6 +139,7 @@ class MemoryBroker(Broker):
     def put(self, queue: str, body: bytes, priority: int = 0, returns: int = 0) -> None:
         delivery = MemoryDelivery(self, queue, body, priority, returns)
         self._queues[queue].put_nowait((-priority, next(self._arrivals), delivery))
+        self._ready[queue][band(priority)] += 1
 
     def give_back(self, queue: str, body: bytes, priority: int, returns: int) -> None:
         """A requeued message: back to its queue, or dead-lettered past the delivery limit.
@@ -165,6 +182,20 @@ class MemoryBroker(Broker):
 
     def problem(self) -> str | None:
         return None if self._on_log is not None else "broker not started"
+
+    @property
+    def connected(self) -> bool:
+        return self._on_log is not None
+
+    async def inspect(self) -> Inspection:
+        # One consumer per queue takes every band (`_consume`): as one RabbitMQ process would.
+        bands = tuple(
+            QueueBand(queue, name, ready, int(queue in self._consumers))
+            for queue, counts in sorted(self._ready.items())
+            for name, ready in zip(PRIORITY_BANDS, counts, strict=True)
+        )
+        head = self._next_offset - 1
+        return Inspection(bands, head if head >= 0 else None)
 
     async def submit(self, body: bytes, queue: str, delay: float = 0.0, priority: int = 0) -> None:
         self._check_route(queue)  # both before the log takes it
@@ -239,4 +270,6 @@ class MemoryBroker(Broker):
     def _log(self, kind: LogKind, body: bytes) -> None:
         if self._on_log is None:
             raise RuntimeError("the memory broker is not started")
-        self._on_log(kind, body, next(self._offsets))
+        offset = self._next_offset
+        self._next_offset += 1
+        self._on_log(kind, body, offset)

@@ -15,6 +15,7 @@ from aioqueue.tasks import Registry
 from aioqueue.web import handlers
 from aioqueue.web.asyncapi import asyncapi_json
 from aioqueue.web.browsers import HTTP, cors_middleware, host_middleware
+from aioqueue.web.metrics import HttpRequests, WebGauges, metrics
 from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE, ServiceBinding, State
@@ -30,7 +31,7 @@ def create_app(registry: Registry, settings: Settings) -> web.Application:
         middlewares=[host_middleware, cors_middleware, problem_middleware],
     )
     web_app[HTTP] = settings.http
-    install(web_app, registry, settings)
+    install(web_app, registry, settings, standalone=True)
     web_app.on_response_prepare.append(_server_header)
     return web_app
 
@@ -45,10 +46,14 @@ def install(
     registry: Registry,
     settings: Settings,
     bind: ServiceBinding | None = None,
+    *,
+    standalone: bool = False,
 ) -> None:
     """Add aioqueue's routes and lifecycle to an aiohttp application (`App.mount`); `bind` is
-    told of the service once it is built, and of None once it is closed."""
-    web_app[STATE] = State(registry=registry, settings=settings, bind=bind)
+    told of the service once it is built, and of None once it is closed. `standalone`: the
+    application is aioqueue's alone (`create_app`), so its every response is counted."""
+    state = web_app[STATE] = State(registry=registry, settings=settings, bind=bind)
+    before = set(web_app.router.resources())
     web_app.router.add_post("/v1/jobs", handlers.submit_job)
     web_app.router.add_get("/v1/jobs", handlers.list_jobs)
     web_app.router.add_get("/v1/jobs/{id}", handlers.get_job)
@@ -61,13 +66,19 @@ def install(
     web_app.router.add_get("/readyz", handlers.readyz)
     web_app.router.add_get("/openapi.json", openapi_json)
     web_app.router.add_get("/asyncapi.json", asyncapi_json)
+    web_app.router.add_get("/metrics", metrics)
     web_app.cleanup_ctx.append(_lifecycle)
     web_app.on_shutdown.append(_close_websockets)
+    # Last, so that every route added above is counted as aioqueue's own.
+    requests = HttpRequests(state.metrics, standalone)
+    requests.resources.update(set(web_app.router.resources()) - before)
+    web_app.on_response_prepare.append(requests.on_response_prepare)
+    state.metrics.registry.register(WebGauges(state))
 
 
 async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     state = web_app[STATE]
-    service = Service(state.registry, state.settings)
+    service = Service(state.registry, state.settings, state.metrics)
     service.jobs.on_change(state.hub.on_job_change)
     service.topics.log.listen(state.hub.topics.on_message)
     _bind(state, service)

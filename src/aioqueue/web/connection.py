@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import WSMessage, WSMsgType, web
 
 from aioqueue.auth import Principal
+from aioqueue.metrics import WsTally
 from aioqueue.ratelimit import TokenBucket
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,11 @@ class Connection:
         send_buffer: int,
         publishes_per_second: int,
         transport: asyncio.Transport | None,
+        tally: WsTally | None = None,
     ) -> None:
         self.ws = ws
+        #: Where frames and closes are counted (the served application's metrics).
+        self._tally = tally if tally is not None else WsTally()
         # Frames are written straight to the transport only when they need no compression
         # (permessage-deflate keeps a context per connection, in aiohttp's writer).
         self._transport = None if ws.compress else transport
@@ -133,14 +137,18 @@ class Connection:
     def send(self, frame: bytes, coalesce: str | None = None) -> None:
         """Queue a frame; never blocks. Closes the connection if its buffer is full."""
         if self._closing:
+            self._tally.dropped += 1
             return
         if coalesce is not None and (slot := self._coalescing.get(coalesce)) is not None:
             slot[0] = frame
+            self._tally.coalesced += 1
             return
         if not self._queue and self._write_now(frame):
             return
         if len(self._queue) >= self._limit:
             logger.info("websocket client too slow, %d frames queued: closing", len(self._queue))
+            self._tally.closes_full += 1
+            self._tally.dropped += 1
             self.close(CLOSE_SLOW, "send buffer full; reconnect and resubscribe")
             return
         slot = [frame, coalesce]
@@ -166,7 +174,9 @@ class Connection:
         """One whole text frame, in one or two writes, as aiohttp writes its own (pings, the
         close frame), so that frames never interleave."""
         if transport.is_closing() or self.ws.closed:
+            self._tally.dropped += 1
             return  # the read loop sees the connection end, and it closes
+        self._tally.sent += 1
         length = len(frame)
         if length < 126:
             header = bytes((_TEXT, length))
@@ -217,8 +227,11 @@ class Connection:
                 else:  # compressed: aiohttp's writer, which waits for the transport to drain
                     async with asyncio.timeout(SEND_TIMEOUT):
                         await self.ws.send_frame(frame, WSMsgType.TEXT)
+                    self._tally.sent += 1
             except TimeoutError:
                 logger.info("websocket client has not read for %.0f s: closing", SEND_TIMEOUT)
+                self._tally.closes_stalled += 1
+                self._tally.dropped += 1
                 self.close(CLOSE_SLOW, "not reading; reconnect and resubscribe")
                 return
             finally:
@@ -231,6 +244,7 @@ class Connection:
             return
         self._closing = True
         self._writer.cancel()
+        self._tally.dropped += len(self._queue)  # never sent: the client resubscribes
         if self._idle and self._reader is not None:
             self._reader.cancel()
         self._closed = task = asyncio.create_task(self._close(code, message))
@@ -280,6 +294,8 @@ class Connection:
 
     async def drain(self) -> None:
         """Stop the writer (the websocket is closing)."""
+        if not self._closing:  # else `close()` counted them
+            self._tally.dropped += len(self._queue)
         self._closing = True
         self._writer.cancel()
         await asyncio.gather(self._writer, return_exceptions=True)

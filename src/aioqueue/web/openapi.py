@@ -35,6 +35,8 @@ OPENAPI_VERSION = "3.1.0"
 UNDESCRIBED = frozenset({("GET", "/v1/ws")})
 
 JSON = "application/json"
+#: What GET /metrics answers (prometheus-client's CONTENT_TYPE_PLAIN_0_0_4 says charset=utf-8 too).
+METRICS_TEXT = "text/plain; version=0.0.4"
 PROBLEM = "application/problem+json"
 SCHEMAS = "#/components/schemas/"
 
@@ -575,6 +577,20 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "responses": {"200": _ok("AsyncAPI 3.0", {"type": "object"}), **_errors(400)},
             }
         },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of this process (jobs, queues, broker, websockets,"
+                " event log, HTTP); open unless `[metrics] require_admin`",
+                "responses": {
+                    "200": {
+                        "description": "the Prometheus text exposition format 0.0.4",
+                        "content": {METRICS_TEXT: {"schema": {"type": "string"}}},
+                    },
+                    **_errors(400),
+                },
+            }
+        },
     }
 
 
@@ -585,6 +601,10 @@ def document(request: web.Request) -> dict[str, Any]:
     components: dict[str, Any] = {"schemas": schemas()}
     if state.authenticator is not None:
         _secure(paths)
+        if state.settings.metrics.require_admin:
+            operation = paths["/metrics"]["get"]
+            operation["security"] = [{"bearer": []}]
+            operation["responses"] |= {"401": UNAUTHORIZED, "403": FORBIDDEN}
         components["securitySchemes"] = {
             "bearer": {
                 "type": "http",

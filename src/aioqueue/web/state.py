@@ -11,6 +11,7 @@ from aiohttp import web
 from aioqueue.auth import Authenticator, Principal, authenticator
 from aioqueue.config import Settings
 from aioqueue.errors import NotReady
+from aioqueue.metrics import Metrics
 from aioqueue.tasks import Registry
 from aioqueue.web.connection import Connection
 from aioqueue.web.hub import Hub
@@ -38,12 +39,16 @@ class State:
     #: None with auth off.
     authenticator: Authenticator | None = field(init=False)
     limits: Limits = field(init=False)
+    #: What `GET /metrics` serves: the application's, made before the service so that HTTP
+    #: requests and websockets are counted from the first, and kept across its restarts.
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         auth = self.settings.auth
         self.hub = Hub(self.settings.topics.max_catch_ups, tracebacks=auth.mode == "none")
         self.authenticator = authenticator(auth)  # ConfigError for a key it cannot use
         self.limits = Limits(auth)
+        self.metrics = Metrics(self.registry.tasks)
 
     def caller(self, request: web.Request) -> Principal:
         """Who sent the request (its `Authorization` header); `Unauthorized` (401) if nobody."""

@@ -134,7 +134,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         compress=False,
     )
     limits = state.settings.ws
-    conn = Connection(ws, limits.send_buffer, limits.max_publishes_per_second, request.transport)
+    conn = Connection(
+        ws,
+        limits.send_buffer,
+        limits.max_publishes_per_second,
+        request.transport,
+        state.metrics.ws,
+    )
     if who is not None and (refused := state.limits.websocket_refused(who, conn)) is not None:
         await conn.drain()
         return problem(429, "Too many requests", refused, headers={"Retry-After": "1"})
