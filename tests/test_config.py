@@ -300,7 +300,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 7 + 4 + 13
+    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 2 + 7 + 4 + 13
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:
@@ -380,3 +380,12 @@ def test_a_bad_allowed_origins_is_a_one_line_error(tmp_path: Path, value: str) -
 def test_allowed_origins_in_the_environment_must_be_a_json_list(tmp_path: Path) -> None:
     message = error_of(tmp_path, environ={"AIOQUEUE_WS__ALLOWED_ORIGINS": "https://app.example"})
     assert "AIOQUEUE_WS__ALLOWED_ORIGINS" in message and "expected a list of origins" in message
+
+
+def test_the_dead_letter_queues_bound_is_checked(tmp_path: Path) -> None:
+    """RabbitMQ takes a TTL of at most 2^32 - 1 ms: a longer age would stop every connect."""
+    settings = load(write(tmp_path, "[dead]\nmax_length = 5\nmax_age_seconds = 60\n"), environ={})
+    assert (settings.dead.max_length, settings.dead.max_age_seconds) == (5, 60)
+    message = error_of(tmp_path, "[dead]\nmax_age_seconds = 4294968\n")
+    assert message.startswith("dead.max_age_seconds = 4294968") and "4294967" in message
+    assert "expected an integer from 1" in error_of(tmp_path, "[dead]\nmax_length = 0\n")

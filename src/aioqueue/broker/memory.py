@@ -12,21 +12,32 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Collection, Coroutine
 from typing import Any
 
 from aioqueue import compactjson
-from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.broker.base import (
+    BANDS,
+    BandStats,
+    Broker,
+    DeadHandler,
+    Delivery,
+    DeliveryHandler,
+    DropFn,
+    LogHandler,
+    LogKind,
+    band,
+)
 from aioqueue.broker.memory_topics import MemoryTopics
-from aioqueue.config import TopicsSettings
+from aioqueue.config import DeadSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
 
-#: Dead letters kept in memory, at most so many and so many bytes of them; the oldest go first
-#: beyond either. By bytes too: a dead letter is a job's whole message, args and all (up to
-#: `jobs.max_args_bytes` each), and 10,000 of those could be gigabytes.
-DEAD_LETTERS_KEPT = 10_000
+#: Dead letters kept in memory, beyond `dead.max_length` and `dead.max_age_seconds`: at most so
+#: many bytes of them, the oldest going first. A dead letter is a job's whole message, args and
+#: all (up to `jobs.max_args_bytes` each), and 10,000 of those could be gigabytes of RAM.
 DEAD_LETTER_BYTES = 16 * 2**20
 
 
@@ -71,6 +82,7 @@ class MemoryBroker(Broker):
         max_queue_length: int = 0,
         delivery_limit: int | None = None,
         topics: TopicsSettings | None = None,
+        dead: DeadSettings | None = None,
     ) -> None:
         retention = topics or TopicsSettings()
         self.topics = MemoryTopics(retention.retention_seconds, retention.retention_bytes)
@@ -89,7 +101,11 @@ class MemoryBroker(Broker):
         self._on_log: LogHandler | None = None
         self._offsets = itertools.count()
         self._on_dead: DeadHandler | None = None
-        self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque()
+        #: Per queue, ready messages per band.
+        self._depths: dict[str, list[int]] = {}
+        self._dead = dead or DeadSettings()
+        #: (body, reason, when kept, on the monotonic clock), oldest first.
+        self._dead_letters: collections.deque[tuple[bytes, str, float]] = collections.deque()
         self._dead_letter_bytes = 0
 
     async def start(
@@ -102,6 +118,7 @@ class MemoryBroker(Broker):
         self._on_log, self._on_dead = on_log, on_dead
         for name in queues:
             self._queues[name] = asyncio.PriorityQueue()
+            self._depths[name] = [0] * len(BANDS)
             self._waiting[name] = collections.deque()
             self._credit[name] = asyncio.Semaphore(self._prefetch)
 
@@ -112,6 +129,7 @@ class MemoryBroker(Broker):
         while True:
             await self._credit[queue].acquire()
             *_, delivery = await self._queues[queue].get()
+            self._depths[queue][band(delivery.priority)] -= 1
             self._admit_waiting(queue)
             self._spawn(handler(delivery))
 
@@ -123,6 +141,7 @@ class MemoryBroker(Broker):
     def put(self, queue: str, body: bytes, priority: int = 0, returns: int = 0) -> None:
         delivery = MemoryDelivery(self, queue, body, priority, returns)
         self._queues[queue].put_nowait((-priority, next(self._arrivals), delivery))
+        self._depths[queue][band(priority)] += 1
 
     def give_back(self, queue: str, body: bytes, priority: int, returns: int) -> None:
         """A requeued message: back to its queue, or dead-lettered past the delivery limit.
@@ -228,13 +247,51 @@ class MemoryBroker(Broker):
     async def dead_letter(self, body: bytes, reason: str) -> None:
         self._keep_dead_letter(body, reason)
 
+    @property
+    def dead_letters(self) -> list[tuple[bytes, str]]:
+        """The dead-letter queue's messages and their reasons, oldest first."""
+        self._expire_dead_letters()
+        return [(body, reason) for body, reason, _ in self._dead_letters]
+
     def _keep_dead_letter(self, body: bytes, reason: str) -> None:
-        self.dead_letters.append((body, reason))
+        self._dead_letters.append((body, reason, time.monotonic()))
         self._dead_letter_bytes += len(body)
-        while len(self.dead_letters) > DEAD_LETTERS_KEPT or (
-            self._dead_letter_bytes > DEAD_LETTER_BYTES and len(self.dead_letters) > 1
+        while len(self._dead_letters) > self._dead.max_length or (
+            self._dead_letter_bytes > DEAD_LETTER_BYTES and len(self._dead_letters) > 1
         ):
-            self._dead_letter_bytes -= len(self.dead_letters.popleft()[0])
+            self._dead_letter_bytes -= len(self._dead_letters.popleft()[0])
+        self._expire_dead_letters()
+
+    def _expire_dead_letters(self) -> None:
+        # As a queue's x-message-ttl: the oldest first, each after max_age_seconds.
+        horizon = time.monotonic() - self._dead.max_age_seconds
+        while self._dead_letters and self._dead_letters[0][2] < horizon:
+            self._dead_letter_bytes -= len(self._dead_letters.popleft()[0])
+
+    # Operations -------------------------------------------------------------------------------
+
+    async def queue_stats(self, queue: str) -> list[BandStats]:
+        self._check_route(queue)
+        consumers = int(queue in self._consumers)
+        return [BandStats(depth, consumers) for depth in self._depths[queue]]
+
+    async def dead_letter_count(self) -> int:
+        self._expire_dead_letters()
+        return len(self._dead_letters)
+
+    async def drop_dead_letters(self, drop: DropFn) -> int:
+        self._expire_dead_letters()
+        kept = [entry for entry in self._dead_letters if not drop(entry[0])]
+        dropped = len(self._dead_letters) - len(kept)
+        self._dead_letters = collections.deque(kept)
+        self._dead_letter_bytes = sum(len(body) for body, _, _ in kept)
+        return dropped
+
+    async def purge_dead_letters(self) -> int:
+        count = await self.dead_letter_count()
+        self._dead_letters.clear()
+        self._dead_letter_bytes = 0
+        return count
 
     def _log(self, kind: LogKind, body: bytes) -> None:
         if self._on_log is None:
