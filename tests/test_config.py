@@ -300,7 +300,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 7 + 4 + 13 + 1 + 1
+    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 2 + 7 + 4 + 13 + 1 + 1
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:
@@ -397,3 +397,12 @@ def test_a_boolean_comes_as_toml_true_or_false_or_those_words_in_the_environment
         "metrics.require_admin = 'yes' (from AIOQUEUE_METRICS__REQUIRE_ADMIN): expected true or"
         " false"
     )
+
+
+def test_the_dead_letter_queues_bound_is_checked(tmp_path: Path) -> None:
+    """RabbitMQ takes a TTL of at most 2^32 - 1 ms: a longer age would stop every connect."""
+    settings = load(write(tmp_path, "[dead]\nmax_length = 5\nmax_age_seconds = 60\n"), environ={})
+    assert (settings.dead.max_length, settings.dead.max_age_seconds) == (5, 60)
+    message = error_of(tmp_path, "[dead]\nmax_age_seconds = 4294968\n")
+    assert message.startswith("dead.max_age_seconds = 4294968") and "4294967" in message
+    assert "expected an integer from 1" in error_of(tmp_path, "[dead]\nmax_length = 0\n")

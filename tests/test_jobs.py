@@ -43,7 +43,9 @@ def make_event(kind: EventType, attempt: int = 1, **fields: Any) -> JobEvent:
         EventType.RETRIED: {"run": 1},
     }
     event = events.decode({**base, **extra.get(kind, {}), **fields})
-    assert not isinstance(event, events.Rejected | events.Queued | events.CheckpointNote)
+    assert not isinstance(
+        event, events.Rejected | events.Purged | events.Queued | events.CheckpointNote
+    )
     return event
 
 

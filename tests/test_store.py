@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from aioqueue.errors import InvalidRequest
-from aioqueue.events import JobSpec, Started, Succeeded
+from aioqueue.events import Failed, JobSpec, Purged, Rejected, Retried, Started, Succeeded
 from aioqueue.jobs import Job, JobStatus
 from aioqueue.store import JobStore
 
@@ -161,4 +162,141 @@ def test_a_store_of_schema_1_is_migrated_in_place_not_rebuilt(tmp_path: Path) ->
     store.write()
     assert [job.id for job in store.list(owner="alice")[0]] == ["c"]
     store.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def fail(store: JobStore, n: int, error: str, at: float) -> None:
+    store.apply(Started(f"job{n}", 1, at))
+    store.apply(Failed(f"job{n}", 1, {"type": error, "message": "m"}, at))
+
+
+def test_a_purge_forgets_a_dead_letter_of_its_run_only(tmp_path: Path) -> None:
+    """As every store applies it: a job retried since (or retried and failed again: a later
+    run) is not the dead letter the purge was for."""
+    store = JobStore(60, str(tmp_path / "store.sqlite"))
+    for n in range(4):
+        store.create(spec(n))
+    for n in (0, 1, 2):
+        fail(store, n, "E", 1001.0)
+    store.apply(Retried("job1", 1))  # queued again
+    store.apply(Retried("job2", 1))
+    fail(store, 2, "E", 1002.0)  # run 1 failed too
+    for n in range(4):
+        store.apply(Purged(f"job{n}", 0))
+    assert store.get("job0") is None and len(store) == 3
+    assert store.get("job1").status is JobStatus.QUEUED  # type: ignore[union-attr]
+    assert store.get("job2").status is JobStatus.FAILED  # type: ignore[union-attr]
+    assert store.get("job3").status is JobStatus.QUEUED  # type: ignore[union-attr]
+    store.apply(Purged("job2", 1))
+    store.close()
+    again = JobStore(60, str(tmp_path / "store.sqlite"))
+    assert [job.id for job in again.list()[0]] == ["job3", "job1"]
+
+
+def test_listings_filter_by_error_type_and_finish_time_within_an_owner() -> None:
+    store = JobStore(60)
+    for n in range(4):
+        store.create(spec(n).replace(owner="alice" if n < 3 else "bob"))
+    fail(store, 0, "ValueError", 1010.0)
+    fail(store, 1, "KeyError", 1020.0)
+    fail(store, 3, "ValueError", 1030.0)
+
+    def ids(**filters: Any) -> list[str]:
+        return [job.id for job in store.list(**filters)[0]]
+
+    assert ids(error_type="ValueError") == ["job3", "job0"]
+    assert ids(error_type="ValueError", owner="alice") == ["job0"]
+    assert ids(finished_after=1020.0) == ["job3", "job1"]
+    assert ids(finished_before=1020.0) == ["job0"]
+    assert ids(finished_after=1010.0, finished_before=1030.0, owner="alice") == ["job1", "job0"]
+
+
+def test_counts_by_queue_and_each_queues_oldest_queued_job() -> None:
+    store = JobStore(60)
+    for n, queue in enumerate(["a", "a", "b", "a", "b"]):
+        store.create(spec(n).replace(queue=queue))
+    fail(store, 0, "E", 1010.0)
+    store.apply(Started("job2", 1, 1010.0))
+    assert store.by_queue((JobStatus.FAILED, JobStatus.RUNNING, JobStatus.DEAD)) == {
+        ("a", JobStatus.FAILED): 1,
+        ("b", JobStatus.RUNNING): 1,
+    }
+    oldest = store.oldest_queued(["a", "b", "c"])
+    assert {queue: job.id for queue, job in oldest.items()} == {"a": "job1", "b": "job4"}
+
+
+#: The layout of a store before queues and error types (schema 2), as aioqueue 0.1 wrote it.
+SCHEMA_2 = """
+CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    task TEXT NOT NULL, finished_at REAL, idempotency_key TEXT, owner TEXT, state BLOB NOT NULL);
+CREATE INDEX jobs_by_status ON jobs (status, seq);
+CREATE TABLE duplicates (id TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+PRAGMA user_version = 2;
+"""
+
+
+def test_a_store_of_schema_2_is_migrated_in_place_with_queues_and_error_types(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "old.sqlite")
+    old = sqlite3.connect(path)
+    old.executescript(SCHEMA_2)
+    failed = Job.from_spec(named("a").replace(queue="slow"))
+    failed.status, failed.error = JobStatus.FAILED, {"type": "KeyError", "message": "k"}
+    failed.finished_at = 1001.0
+    queued = Job.from_spec(named("b"))
+    for seq, job in enumerate([failed, queued]):
+        old.execute(
+            "INSERT INTO jobs VALUES (?, ?, ?, 't', ?, NULL, NULL, ?)",
+            (seq, job.id, job.status.value, job.finished_at, orjson.dumps(job.to_state())),
+        )
+    old.commit()
+    old.close()
+
+    store = JobStore(60, path)
+    assert [job.id for job in store.list(error_type="KeyError")[0]] == ["a"]
+    assert store.by_queue((JobStatus.FAILED,)) == {("slow", JobStatus.FAILED): 1}
+    assert {q: job.id for q, job in store.oldest_queued(["default"]).items()} == {"default": "b"}
+    store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_the_counts_by_queue_follow_every_change_and_survive_a_reopen(tmp_path: Path) -> None:
+    """Kept as rows change (written, forgotten, expired, evicted, purged), not counted anew at
+    each report: they always equal a count of the rows."""
+    clock = Clock()
+    path = str(tmp_path / "store.sqlite")
+    store = JobStore(60, path, clock=clock)
+
+    def counted() -> dict[tuple[str, JobStatus], int]:
+        store.write()
+        rows = store._db.execute("SELECT queue, status, count(*) FROM jobs GROUP BY 1, 2")
+        return {(queue, JobStatus(status)): n for queue, status, n in rows}
+
+    for n in range(12):
+        store.create(spec(n).replace(queue="ab"[n % 2]))
+    for n in range(6):
+        fail(store, n, "E", 1000.0 + n)
+    store.apply(Started("job6", 1, 1001.0))
+    store.apply(Rejected("job7"))  # forgotten before it was ever written
+    store.write()
+    store.apply(Rejected("job8"))  # forgotten once written
+    store.apply(Purged("job0", 0))
+    assert store.by_queue(list(JobStatus)) == counted()
+    clock.now = 1062.5
+    assert store.expire() == 2  # job1 and job2
+    assert store.by_queue(list(JobStatus)) == counted()
+    assert store.by_queue([JobStatus.FAILED]) == {
+        ("a", JobStatus.FAILED): 1,
+        ("b", JobStatus.FAILED): 2,
+    }
+    store.close()
+    again = JobStore(60, path, clock=clock)
+    assert again.by_queue(list(JobStatus)) == {
+        ("a", JobStatus.FAILED): 1,
+        ("b", JobStatus.FAILED): 2,
+        ("a", JobStatus.RUNNING): 1,
+        ("a", JobStatus.QUEUED): 1,
+        ("b", JobStatus.QUEUED): 2,
+    }

@@ -81,6 +81,11 @@ class Principal:
         if not self.scopes.may_submit(task):
             raise Forbidden(f"submitting {task[:100]!r} needs jobs:submit or jobs:submit:TASK")
 
+    def check_admin(self, what: str) -> None:
+        """Dead letters and `/v1/queues`: every job's, so for `jobs:admin` (or with auth off)."""
+        if not self.sees_everything:
+            raise Forbidden(f"{what} needs the scope jobs:admin")
+
     def list_owner(self) -> str | None:
         """Whose jobs a listing shows: everyone's (None) or this principal's own."""
         if self.sees_everything:

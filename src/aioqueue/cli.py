@@ -1,4 +1,4 @@
-"""The `aioqueue` command: serve, submit, jobs, job, check.
+"""The `aioqueue` command: serve, submit, jobs, job, cancel, retry, queues, dead, purge, check.
 
 Exit codes: 0 success, 1 the job or the check failed, 2 usage or configuration error.
 """
@@ -79,19 +79,51 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("id")
     cancel = commands.add_parser("cancel", help="cancel a job that has not finished")
     cancel.add_argument("id")
-    retry = commands.add_parser("retry", help="run a failed, dead or cancelled job again")
-    retry.add_argument("id")
+    retry = commands.add_parser(
+        "retry",
+        help="run a failed, dead or cancelled job again; with --all, every dead letter that"
+        " matches",
+    )
+    retry.add_argument("id", nargs="?", help="the job (or --all)")
+    retry.add_argument(
+        "--all", action="store_true", help="every failed and dead job (that the filters match)"
+    )
+    purge = commands.add_parser(
+        "purge",
+        help="forget the dead letters that match, and take them out of the dead-letter queue",
+    )
+    purge.add_argument("--all", action="store_true", help="every failed and dead job")
+    for sub in (retry, purge):
+        _dead_filters(sub)
+        sub.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    queues = commands.add_parser(
+        "queues", help="each queue: depth per band, consumers, rates, oldest job, dead letters"
+    )
+    dead = commands.add_parser("dead", help="list dead letters (failed and dead jobs) as a table")
+    _dead_filters(dead)
+    dead.add_argument("--limit", type=int, default=20)
 
     commands.add_parser("check", help="validate the config, reach the broker, declare the topology")
-    for sub in (submit, jobs, job, cancel, retry):
+    for sub in (submit, jobs, job, cancel, retry, purge, queues, dead):
         sub.add_argument(
             "--url", help="the service's base URL (default: from http.host and http.port)"
         )
     return parser
 
 
+def _dead_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", help="only dead letters of this task")
+    parser.add_argument("--error-type", help="only those whose error has this type")
+    parser.add_argument(
+        "--before", metavar="TIME", help="only those that finished before TIME (RFC 3339)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("retry", "purge"):
+        _check_dead_usage(parser, args)
     try:
         settings = load(args.config, overrides=_overrides(args))
         if args.command == "serve":
@@ -286,6 +318,18 @@ async def _check(settings: Settings) -> int:
     return EXIT_OK
 
 
+def _check_dead_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`retry ID` or `retry --all [filters]`; `purge` with filters or --all (exit 2 if not)."""
+    filtered = any(f is not None for f in (args.task, args.error_type, args.before))
+    if args.command == "retry" and args.id is not None:
+        if args.all or filtered or args.yes:
+            parser.error("retry: give a job's id, or --all with filters, not both")
+    elif args.command == "retry" and not args.all:
+        parser.error("retry: give a job's id, or --all (with --task, --error-type, --before)")
+    elif args.command == "purge" and not (args.all or filtered):
+        parser.error("purge: give --task, --error-type or --before, or --all for every one")
+
+
 async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
     base = args.url or client.default_url(settings)
     async with client.Client(base, os.environ.get(TOKEN_VAR)) as api:
@@ -298,6 +342,21 @@ async def _client_command(args: argparse.Namespace, settings: Settings) -> int:
                 )
                 print(client.jobs_table(page["jobs"]))
                 return EXIT_OK
+            if args.command == "queues":
+                print(client.queues_table(await api.queues()))
+                return EXIT_OK
+            if args.command == "dead":
+                page = await api.list_jobs(
+                    "failed,dead",
+                    args.task,
+                    args.limit,
+                    error_type=args.error_type,
+                    finished_before=args.before,
+                )
+                print(client.dead_table(page["jobs"]))
+                return EXIT_OK
+            if args.command == "purge" or (args.command == "retry" and args.id is None):
+                return await _dead_letters(api, args)
             calls = {"job": api.get_job, "cancel": api.cancel, "retry": api.retry}
             record = await calls[args.command](args.id)
             print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
@@ -333,6 +392,47 @@ async def _submit(api: client.Client, args: argparse.Namespace) -> int:
         ).decode()
     )
     return EXIT_OK if job["status"] == "succeeded" else EXIT_FAILED
+
+
+async def _dead_letters(api: client.Client, args: argparse.Namespace) -> int:
+    """`retry --all` or `purge`: count what matches, ask (unless --yes), then do it."""
+    found = {"task": args.task, "error_type": args.error_type, "before": args.before}
+    body: dict[str, Any] = {key: value for key, value in found.items() if value is not None}
+    if not body:
+        body["all"] = True
+    action = args.command
+    matching = (await api.dead(action, {**body, "dry_run": True}))["count"]
+    what = ", ".join(f"{key} {value}" for key, value in body.items() if key != "all")
+    what = f"dead letters ({what})" if what else "dead letters (all)"
+    if not matching:
+        print(f"no {what} to {action}")
+        return EXIT_OK
+    if not args.yes and not await _confirm(f"{action} {matching} {what}? [y/N] "):
+        print("aioqueue: nothing done", file=sys.stderr)
+        return EXIT_FAILED
+    done = await api.dead(action, body)
+    if action == "purge":
+        print(
+            f"purged {done['count']} {what}; {done['removed']} messages taken out of the"
+            " dead-letter queue"
+        )
+        return EXIT_OK
+    print(f"retried {done['count']} {what}")
+    if done["left"]:
+        print(
+            f"aioqueue: {done['left']} left, not retried: a full queue or job store, or the"
+            " broker away, stopped it; try again later",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _confirm(prompt: str) -> bool:
+    """Whether the user answers yes; no input (end of file) is a no."""
+    print(prompt, end="", file=sys.stderr, flush=True)
+    answer = await asyncio.to_thread(sys.stdin.readline)
+    return answer.strip().lower() in ("y", "yes")
 
 
 def _statuses(text: str | None) -> str | None:

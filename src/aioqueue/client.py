@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -79,14 +80,27 @@ class Client:
         result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/retry")
         return result
 
-    async def list_jobs(self, status: str | None, task: str | None, limit: int) -> dict[str, Any]:
-        """Up to `limit` jobs, newest first: `{"jobs", "next"}`. A page ends early at the
-        server's `http.max_list_bytes`, so this follows `next` until it has `limit` jobs."""
+    async def queues(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/v1/queues")
+        return result
+
+    async def dead(self, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """`POST /v1/dead/retry` or `/v1/dead/purge` (`action`) with a filter body."""
+        result: dict[str, Any] = await self._call("POST", f"/v1/dead/{action}", json=body)
+        return result
+
+    async def list_jobs(
+        self, status: str | None, task: str | None, limit: int, **filters: str | None
+    ) -> dict[str, Any]:
+        """Up to `limit` jobs, newest first: `{"jobs", "next"}`; `filters` are more query
+        parameters (error_type, finished_before, ...). A page ends early at the server's
+        `http.max_list_bytes`, so this follows `next` until it has `limit` jobs."""
         params = {"limit": str(limit)}
         if status:
             params["status"] = status
         if task:
             params["task"] = task
+        params |= {key: value for key, value in filters.items() if value is not None}
         jobs: list[Any] = []
         while True:
             page: dict[str, Any] = await self._call("GET", "/v1/jobs", params=params)
@@ -151,6 +165,18 @@ class ProgressBar:
             self._out.flush()
 
 
+def table(rows: Sequence[tuple[str, ...]], empty: str) -> str:
+    """A header row and rows as fixed-width columns; `empty` under the header if no rows."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    if len(rows) == 1:
+        lines.append(empty)
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     """Jobs as a fixed-width table, newest first."""
     rows = [("ID", "TASK", "STATUS", "ATTEMPT", "CREATED", "FINISHED")]
@@ -159,11 +185,58 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
         created = (job["created_at"] or "")[:19]
         finished = (job["finished_at"] or "")[:19]
         rows.append((job["id"], job["task"], job["status"], attempt, created, finished))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        for row in rows
-    ]
-    if not jobs:
-        lines.append("(no jobs)")
-    return "\n".join(line.rstrip() for line in lines)
+    return table(rows, "(no jobs)")
+
+
+#: Characters of an error message a table shows.
+MESSAGE_WIDTH = 60
+
+
+def dead_table(jobs: list[dict[str, Any]]) -> str:
+    """Dead letters (failed and dead jobs) as a table, newest first."""
+    rows = [("ID", "TASK", "STATUS", "ERROR", "FINISHED", "MESSAGE")]
+    for job in jobs:
+        error = job["error"] or {}
+        message = " ".join(str(error.get("message") or "").split())
+        if len(message) > MESSAGE_WIDTH:
+            message = message[: MESSAGE_WIDTH - 3] + "..."
+        finished = (job["finished_at"] or "")[:19]
+        rows.append(
+            (job["id"], job["task"], job["status"], error.get("type") or "", finished, message)
+        )
+    return table(rows, "(no dead letters)")
+
+
+QUEUE_COLUMNS: tuple[str, ...] = ("QUEUE", "DEPTH", "0-3", "4-6", "7-9", "CONSUMERS", "RUNNING")
+QUEUE_COLUMNS += ("IN/S", "OUT/S", "OLDEST", "DEAD")
+
+
+def queues_table(report: dict[str, Any]) -> str:
+    """`GET /v1/queues` as a table, and a line about the dead-letter queue."""
+    rows = [QUEUE_COLUMNS]
+    for queue in report["queues"]:
+        bands = queue["bands"] or {}
+        oldest = queue["oldest_age_s"]
+        rows.append(
+            (
+                queue["name"],
+                _shown(queue["depth"]),
+                *(_shown(bands.get(name, {}).get("depth")) for name in ("0-3", "4-6", "7-9")),
+                _shown(queue["consumers"]),
+                str(queue["running"]),
+                f"{queue['in_per_s']:.2f}",
+                f"{queue['out_per_s']:.2f}",
+                "-" if oldest is None else f"{oldest:.1f}s",
+                str(queue["dead"]),
+            )
+        )
+    dlq = report["dead_letter_queue"]
+    return table(rows, "(no queues)") + (
+        f"\ndead-letter queue: {_shown(dlq['messages'])} messages (kept: at most"
+        f" {dlq['max_length']}, for {dlq['max_age_seconds']} s)"
+    )
+
+
+def _shown(value: int | None) -> str:
+    """A broker's figure, or `-` when the broker could not be asked."""
+    return "-" if value is None else str(value)

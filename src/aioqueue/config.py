@@ -239,6 +239,19 @@ class StoreSettings:
     max_bytes: int = _int(2**30, 2**16)
 
 
+#: RabbitMQ's longest TTL is 2^32 - 1 ms: a dead letter's age bound, in whole seconds.
+MAX_DEAD_AGE = (2**32 - 1) // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class DeadSettings:
+    # The dead-letter queue (P.dlq; memory://'s list) keeps at most so many messages, the oldest
+    # dropped first, and none older than max_age_seconds: it is never consumed, and unbounded it
+    # would grow for ever. The job records of dead letters are kept by result_ttl, not by this.
+    max_length: int = _int(10_000, 1, 2**31 - 1)
+    max_age_seconds: int = _int(7 * 86400, 1, MAX_DEAD_AGE)
+
+
 @dataclass(frozen=True, slots=True)
 class WsSettings:
     max_subscriptions: int = _int(100, 1)
@@ -312,6 +325,7 @@ class Settings:
     broker: BrokerSettings = field(default_factory=BrokerSettings)
     jobs: JobsSettings = field(default_factory=JobsSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
+    dead: DeadSettings = field(default_factory=DeadSettings)
     ws: WsSettings = field(default_factory=WsSettings)
     topics: TopicsSettings = field(default_factory=TopicsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -149,6 +149,16 @@ class Rejected:
 
 
 @dataclass(frozen=True, slots=True)
+class Purged:
+    """A dead letter purged (`POST /v1/dead/purge`): every store forgets the job, if it is still
+    failed or dead in run `run` (a retry written before it in the log wins)."""
+
+    job: str
+    run: int
+    at: float = field(default_factory=_now)
+
+
+@dataclass(frozen=True, slots=True)
 class Queued:
     """A job recorded again by a runner of an earlier version (logs written before 0.2)."""
 
@@ -164,7 +174,7 @@ class CheckpointNote:
 
 #: A job event that `jobs.apply` applies.
 JobEvent = Started | Progress | Retrying | Succeeded | Failed | Dead | Cancelled | Retried
-Event = JobEvent | Rejected | Queued | CheckpointNote
+Event = JobEvent | Rejected | Purged | Queued | CheckpointNote
 
 NAMES: dict[type[Any], str] = {
     Started: "started",
@@ -176,6 +186,7 @@ NAMES: dict[type[Any], str] = {
     Cancelled: "cancelled",
     Retried: "retried",
     Rejected: "rejected",
+    Purged: "purged",
     Queued: "queued",
 }
 _BY_NAME = {name: kind for kind, name in NAMES.items()}

@@ -58,6 +58,8 @@ class JobStatus(StrEnum):
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.CANCELLED})
 WAITING = frozenset({JobStatus.QUEUED, JobStatus.SCHEDULED, JobStatus.RETRYING})
+#: The dead letters: jobs whose message is in the dead-letter queue (CONTRACT §2).
+DEAD_LETTERS = frozenset({JobStatus.FAILED, JobStatus.DEAD})
 
 
 class EventType(StrEnum):

@@ -81,10 +81,24 @@ class Jobs:
         limit: int = 50,
         cursor: str | None = None,
         owner: str | None = None,
+        *,
+        error_type: str | None = None,
+        finished_after: float | None = None,
+        finished_before: float | None = None,
     ) -> Generator[tuple[Job, str | None], None, None]:
-        """As `list`, one job at a time, each with the cursor after it (`JobStore.page`)."""
+        """As `list`, one job at a time, each with the cursor after it (`JobStore.page`, whose
+        filters these are)."""
         self._check_open(False)
-        return self._store.page(statuses, task, limit, cursor, owner)
+        return self._store.page(
+            statuses,
+            task,
+            limit,
+            cursor,
+            owner,
+            error_type=error_type,
+            finished_after=finished_after,
+            finished_before=finished_before,
+        )
 
     async def wait_terminal(self, job_id: str, within: float) -> Job:
         """The job once it is terminal, or as it is after `within` seconds; NotFound if unknown

@@ -14,7 +14,8 @@ from aioqueue import storefile, submission
 from aioqueue.broker.base import Broker
 from aioqueue.broker.memory import MemoryBroker
 from aioqueue.checkpointer import Checkpointer
-from aioqueue.config import BrokerSettings, Settings, StoreSettings, TopicsSettings
+from aioqueue.config import BrokerSettings, DeadSettings, Settings, StoreSettings, TopicsSettings
+from aioqueue.deadletters import DeadLetters
 from aioqueue.errors import BrokerUnavailable, ConfigError, NotReady
 from aioqueue.eventlog import EventLog
 from aioqueue.gauges import ServiceGauges
@@ -22,6 +23,7 @@ from aioqueue.jobtopics import JobEvents
 from aioqueue.metrics import Metrics
 from aioqueue.producer import Jobs
 from aioqueue.publisher import Topics
+from aioqueue.queues import QueueStats, Rates
 from aioqueue.runner import Runner
 from aioqueue.store import EXPIRE_CHUNK, JobStore
 from aioqueue.storefile import StoreFile
@@ -41,14 +43,15 @@ def make_broker(
     log_max_bytes: int = StoreSettings().log_max_bytes,
     topics: TopicsSettings | None = None,
     metrics: Metrics | None = None,
+    dead: DeadSettings | None = None,
 ) -> Broker:
     if settings.url.startswith("memory:"):
         return MemoryBroker(
-            settings.prefetch, settings.max_queue_length, settings.delivery_limit, topics
+            settings.prefetch, settings.max_queue_length, settings.delivery_limit, topics, dead
         )
     from aioqueue.broker.amqp import AmqpBroker  # aio-pika is imported only when used
 
-    return AmqpBroker(settings, log_max_bytes, topics, metrics)
+    return AmqpBroker(settings, log_max_bytes, topics, metrics, dead)
 
 
 def check_timeouts(registry: Registry, settings: Settings) -> None:
@@ -117,7 +120,11 @@ class Service:
         self.state = ServiceState.STARTING
         self.metrics = metrics if metrics is not None else Metrics(registry.tasks)
         self.broker = make_broker(
-            settings.broker, settings.store.log_max_bytes, settings.topics, self.metrics
+            settings.broker,
+            settings.store.log_max_bytes,
+            settings.topics,
+            self.metrics,
+            settings.dead,
         )
         self.store_file = claim_store_file(settings) if self.broker.durable else None
         result_ttl, max_bytes = settings.jobs.result_ttl, settings.store.max_bytes
@@ -150,6 +157,13 @@ class Service:
         )
         self.topics = Topics(
             self.broker.topics, settings.topics.max_message_bytes, self._check_open
+        )
+        self.dead_letters = DeadLetters(
+            self.jobs, self.store, self.log, self.broker, self._check_open
+        )
+        self.rates = Rates()
+        self.queue_stats = QueueStats(
+            registry.queues, self.broker, self.store, self.rates, settings.dead, self._check_open
         )
         self.job_events = JobEvents(
             registry.tasks,
@@ -203,6 +217,9 @@ class Service:
         for queue in sorted(queues):
             await self.broker.consume(queue, self.runner.on_delivery)
         self._enter(ServiceState.READY)
+        # From now on: what the replay applied is not of the last minute.
+        self.rates.start()
+        self.store.listeners.append(self.rates.on_change)
         self._background.append(asyncio.create_task(self._expire_forever(), name="aioqueue-expiry"))
         if self.checkpointer is not None:
             checkpoints = self.checkpointer.run()

@@ -4,12 +4,14 @@ Non-terminal jobs are kept however old they are; finished jobs are forgotten `re
 after they finished (G5), or earlier, the earliest finished first, when the store keeps more than
 `max_bytes` of job state (`make_room`); a job that is not finished is never forgotten, so when
 those alone fill the store it is `full()` and the producer refuses new jobs (the store itself
-never refuses to apply a log entry). The state lives in SQLite (a file on RabbitMQ, `:memory:`
-otherwise), so that memory stays flat however many finished jobs `result_ttl` holds: a bounded
-LRU cache of decoded `Job` objects sits in front of it. Changes wait in memory, where every read
-finds them, until `write()` (the event log calls it every few tens of milliseconds), which writes
-them with the log offset they bring the store to in one transaction: a store on disk is always
-the state of some prefix of the log, and resumes from its `offset` after a restart.
+never refuses to apply a log entry). A failed or dead job is also forgotten when a `purged`
+event of it comes through the log (`POST /v1/dead/purge`). The state lives in SQLite (a file on
+RabbitMQ, `:memory:` otherwise), so that memory stays flat however many finished jobs
+`result_ttl` holds: a bounded LRU cache of decoded `Job` objects sits in front of it. Changes
+wait in memory, where every read finds them, until `write()` (the event log calls it every few
+tens of milliseconds), which writes them with the log offset they bring the store to in one
+transaction: a store on disk is always the state of some prefix of the log, and resumes from its
+`offset` after a restart.
 
 Listing is newest first by creation, paged by an opaque cursor (the creation sequence number of
 the last job returned), so pages stay stable while jobs are added or expire. A page is read one
@@ -33,20 +35,20 @@ from typing import Any
 import orjson
 
 from aioqueue.errors import FieldError, InvalidRequest
-from aioqueue.events import JobEvent, JobSpec, Queued, Rejected
-from aioqueue.jobs import EventType, IllegalTransition, Job, JobStatus, apply
+from aioqueue.events import JobEvent, JobSpec, Purged, Queued, Rejected
+from aioqueue.jobs import DEAD_LETTERS, EventType, IllegalTransition, Job, JobStatus, apply
 
 logger = logging.getLogger(__name__)
 
-#: What the store applies: a job's events, and two that create or withdraw a job.
-StoreEvent = JobEvent | Queued | Rejected
+#: What the store applies: a job's events, one that creates a job, and two that withdraw one.
+StoreEvent = JobEvent | Queued | Rejected | Purged
 #: Called after every change with the event's name and the job as it is now.
 ChangeListener = Callable[[str, Job], None]
 
 #: The layout of the tables; a store of another version is not opened (it is rebuilt).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The versions a store or a checkpoint may have to be opened (older ones are migrated).
-READABLE_SCHEMAS = (1, SCHEMA_VERSION)
+READABLE_SCHEMAS = (1, 2, SCHEMA_VERSION)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,     -- creation order: the order of the log
@@ -56,12 +58,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     idempotency_key TEXT,        -- scoped to the owner: `scoped_key()`
     owner TEXT,
+    queue TEXT NOT NULL,         -- schema 3 on, as error_type
+    error_type TEXT,             -- the type of the job's current error, if it has one
     state BLOB NOT NULL          -- Job.to_state(), as JSON
 );
 CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_task ON jobs (task, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+-- Each queue's oldest queued job (GET /v1/queues), a lookup however many are queued; and the
+-- counts per queue and status, read once at start from the index alone.
+CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs (status, queue, seq);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_by_key ON jobs (idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 -- Jobs that repeated an idempotency key another job held: never recorded, never run.
@@ -136,6 +143,13 @@ class JobStore:
             stored = self._db.execute("SELECT coalesce(sum(length(state)), 0) FROM jobs").fetchone()
             stored = stored[0]
         self._bytes: int = stored
+        #: Jobs written, per (queue, status): `by_queue` answers from it, not from a scan of
+        #: what may be a million dead letters at every `GET /v1/queues`.
+        self._by_status: collections.Counter[tuple[str, str]] = collections.Counter()
+        for queue, status, count in self._db.execute(
+            "SELECT queue, status, count(*) FROM jobs GROUP BY status, queue"
+        ):
+            self._by_status[(queue, status)] = count
 
     def close(self) -> None:
         """Write what is left, and close the database; later writes are no-ops."""
@@ -223,11 +237,26 @@ class JobStore:
         limit: int = 50,
         cursor: str | None = None,
         owner: str | None = None,
+        *,
+        error_type: str | None = None,
+        finished_after: float | None = None,
+        finished_before: float | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered; returns the page and the cursor of the next one."""
+        """Jobs newest first, filtered (as `page`); returns the page and the cursor of the next
+        one."""
         jobs: list[Job] = []
         following: str | None = None
-        with contextlib.closing(self.page(statuses, task, limit, cursor, owner)) as page:
+        page = self.page(
+            statuses,
+            task,
+            limit,
+            cursor,
+            owner,
+            error_type=error_type,
+            finished_after=finished_after,
+            finished_before=finished_before,
+        )
+        with contextlib.closing(page):
             for job, after in page:
                 jobs.append(job)
                 following = after
@@ -240,24 +269,23 @@ class JobStore:
         limit: int = 50,
         cursor: str | None = None,
         owner: str | None = None,
+        *,
+        error_type: str | None = None,
+        finished_after: float | None = None,
+        finished_before: float | None = None,
     ) -> Generator[tuple[Job, str | None], None, None]:
-        """Up to `limit` jobs newest first, filtered (by `owner` too, unless None), each with
-        the cursor of the page that follows it (None after the last job there is). Each job is
-        read and decoded as the iterator reaches it, so a caller that stops early never holds
-        the rest: iterate without awaiting, and close the iterator when done. Raises
-        InvalidRequest at once for a bad cursor."""
+        """Up to `limit` jobs newest first, filtered (by `owner` too, unless None; by the type
+        of their error; by when they finished, `finished_after` <= finished_at <
+        `finished_before`), each with the cursor of the page that follows it (None after the
+        last job there is). Each job is read and decoded as the iterator reaches it, so a caller
+        that stops early never holds the rest: iterate without awaiting, and close the iterator
+        when done. Raises InvalidRequest at once for a bad cursor."""
         self.write()
-        where, params = ["seq < ?"], [_decode(cursor) if cursor is not None else self._next_seq]
-        if owner is not None:
-            where.append("owner = ?")
-            params.append(owner)
-        if statuses:
-            where.append(f"status IN ({', '.join('?' * len(statuses))})")
-            params += [status.value for status in statuses]
-        if task is not None:
-            where.append("task = ?")
-            params.append(task)
-        query = f"FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?"
+        before = _decode(cursor) if cursor is not None else self._next_seq
+        where, params = _filters(
+            statuses, task, owner, error_type, finished_after, finished_before, before
+        )
+        query = f"FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ?"
         if len(statuses) > 1:
             # SQLite sorts the rows of several statuses in a temporary B-tree, which would
             # hold every state of the page at once: the ids first, then each state on its own.
@@ -294,6 +322,70 @@ class JobStore:
                     continue
                 job = Job.from_state(orjson.loads(found[0]))
             yield job, _encode(seq) if more or n + 1 < len(ids) else None
+
+    @property
+    def next_seq(self) -> int:
+        """The creation sequence number the next job gets: a bound of the jobs known now."""
+        return self._next_seq
+
+    def dead_letters(
+        self,
+        after_seq: int,
+        before_seq: int,
+        limit: int,
+        task: str | None = None,
+        error_type: str | None = None,
+        finished_before: float | None = None,
+    ) -> Sequence[tuple[int, str]]:
+        """(seq, id) of up to `limit` failed and dead jobs that match, oldest first, created
+        after `after_seq` and before `before_seq`: one chunk of a retry or a purge."""
+        self.write()
+        where, params = _filters(
+            DEAD_LETTERS, task, None, error_type, None, finished_before, before_seq
+        )
+        query = f"SELECT seq, id FROM jobs WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
+        return [(row[0], row[1]) for row in self._db.execute(query, (*params, after_seq, limit))]
+
+    def count(
+        self,
+        statuses: Collection[JobStatus] = (),
+        task: str | None = None,
+        error_type: str | None = None,
+        finished_before: float | None = None,
+    ) -> int:
+        """How many jobs match (the filters of `page`)."""
+        self.write()
+        where, params = _filters(
+            statuses, task, None, error_type, None, finished_before, self._next_seq
+        )
+        return int(
+            self._db.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
+        )
+
+    def by_queue(self, statuses: Collection[JobStatus]) -> dict[tuple[str, JobStatus], int]:
+        """How many jobs each queue has in each of `statuses` (none: not in the result)."""
+        self.write()
+        wanted = {status.value for status in statuses}
+        return {
+            (queue, JobStatus(status)): count
+            for (queue, status), count in self._by_status.items()
+            if count and status in wanted
+        }
+
+    def oldest_queued(self, queues: Collection[str]) -> dict[str, Job]:
+        """Each queue's queued job created first (in the log's order), for those that have one:
+        a lookup in an index per queue, however many are queued."""
+        self.write()
+        oldest: dict[str, Job] = {}
+        for queue in queues:
+            found = self._db.execute(
+                "SELECT id FROM jobs WHERE status = ? AND queue = ? ORDER BY seq LIMIT 1",
+                (JobStatus.QUEUED.value, queue),
+            ).fetchone()
+            job = None if found is None else self.get(found[0])
+            if job is not None:
+                oldest[queue] = job
+        return oldest
 
     # Waiting --------------------------------------------------------------------------------
 
@@ -359,6 +451,9 @@ class JobStore:
         if isinstance(event, Rejected):  # its queue refused it: it was never accepted
             self._forget(event.job)
             return None
+        if isinstance(event, Purged):
+            self._purge(event)
+            return None
         job = self.get(event.job)
         if job is None:
             logger.debug("%s for unknown job %s", type(event).__name__, event.job)
@@ -372,6 +467,17 @@ class JobStore:
         # A retried job is queued again: subscribers see `queued`, as for a new job.
         self._changed("queued" if kind is EventType.RETRIED else kind.value, job)
         return job
+
+    def _purge(self, event: Purged) -> None:
+        """Forget a dead letter, unless it is no longer one: every process applies the log in
+        the same order, so every store agrees on what a purge took (a retry of the job written
+        before it wins, and a later run of the job that failed again is not this dead letter).
+        Listeners are not told, as of an expiry: nothing about the job changed."""
+        job = self.get(event.job)
+        if job is None or job.run != event.run or job.status not in DEAD_LETTERS:
+            logger.debug("purge of job %s ignored: %r", event.job, job)
+            return
+        self._forget(job.id)
 
     def applied(self, offset: int) -> None:
         """Note that the changes made since the last write bring the store to log `offset`
@@ -388,28 +494,34 @@ class JobStore:
             return
         db = self._db
         size = self._bytes
+        statuses: collections.Counter[tuple[str, str]] = collections.Counter()
         with db:
             if self._forgotten:  # first: a job may be created again under a forgotten id
-                size -= self._delete(self._forgotten)
+                size -= self._delete(self._forgotten, statuses)
             for job_id in self._dirty:
                 job = self._cache[job_id]
                 state = orjson.dumps(job.to_state())
                 size += len(state)
                 self._cached(job, len(state))
-                row = (job.status.value, job.finished_at, state)
+                error_type = None if job.error is None else job.error.get("type")
+                row = (job.status.value, job.finished_at, error_type, state)
                 seq = self._seq_of_new.pop(job_id, None)
+                statuses[(job.queue, job.status.value)] += 1
                 if seq is None:
-                    size -= self._stored_size(job_id)
+                    stored, status = self._stored(job_id)
+                    size -= stored
+                    statuses[(job.queue, status)] -= 1
                     db.execute(
-                        "UPDATE jobs SET status = ?, finished_at = ?, state = ? WHERE id = ?",
+                        "UPDATE jobs SET status = ?, finished_at = ?, error_type = ?, state = ?"
+                        " WHERE id = ?",
                         (*row, job_id),
                     )
                 else:
                     key = job.idempotency_key and scoped_key(job.owner, job.idempotency_key)
                     db.execute(
-                        "INSERT INTO jobs (seq, id, task, idempotency_key, owner, status,"
-                        " finished_at, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (seq, job_id, job.task, key, job.owner, *row),
+                        "INSERT INTO jobs (seq, id, task, idempotency_key, owner, queue, status,"
+                        " finished_at, error_type, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (seq, job_id, job.task, key, job.owner, job.queue, *row),
                     )
             if self._new_duplicates:
                 db.executemany(
@@ -422,6 +534,7 @@ class JobStore:
                 [(key, orjson.dumps(value)) for key, value in self._new_meta.items()],
             )
         self._bytes = size
+        self._by_status.update(statuses)
         self._unwritten = 0
         self._dirty.clear()
         self._new_meta.clear()
@@ -496,7 +609,7 @@ class JobStore:
 
     def _drop(self, ids: Collection[str]) -> None:
         """Delete written jobs, and count them out, in the caller's transaction."""
-        self._bytes -= self._delete(ids)
+        self._bytes -= self._delete(ids, self._by_status)
         self._db.execute(
             "REPLACE INTO meta (key, value) VALUES ('bytes', ?)", (orjson.dumps(self._bytes),)
         )
@@ -504,19 +617,24 @@ class JobStore:
             self._uncache(job_id)
         self._count -= len(ids)
 
-    def _delete(self, ids: Collection[str]) -> int:
-        """Delete rows by id; returns the bytes of state they held."""
+    def _delete(self, ids: Collection[str], statuses: collections.Counter[tuple[str, str]]) -> int:
+        """Delete rows by id, and count them out of `statuses`; returns the bytes of state they
+        held."""
         freed = 0
         for job_id in ids:
-            for (size,) in self._db.execute(
-                "DELETE FROM jobs WHERE id = ? RETURNING length(state)", (job_id,)
+            for size, queue, status in self._db.execute(
+                "DELETE FROM jobs WHERE id = ? RETURNING length(state), queue, status", (job_id,)
             ):
                 freed += size
+                statuses[(queue, status)] -= 1
         return freed
 
-    def _stored_size(self, job_id: str) -> int:
-        row = self._db.execute("SELECT length(state) FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return 0 if row is None else int(row[0])
+    def _stored(self, job_id: str) -> tuple[int, str]:
+        """The size of a job's stored state, and its stored status."""
+        row = self._db.execute(
+            "SELECT length(state), status FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return (0, "") if row is None else (int(row[0]), str(row[1]))
 
     def _forget(self, job_id: str) -> None:
         job = self.get(job_id)
@@ -576,6 +694,51 @@ def _add_owners(db: sqlite3.Connection) -> None:
         )
 
 
+def _add_queues(db: sqlite3.Connection) -> None:
+    """Schema 2 to 3 (queues and dead letters, issue 10), in place: each job's queue and the
+    type of its error, as columns, read from its state once (SQLite's JSON functions)."""
+    with db:
+        db.execute("ALTER TABLE jobs ADD COLUMN queue TEXT NOT NULL DEFAULT ''")
+        db.execute("ALTER TABLE jobs ADD COLUMN error_type TEXT")
+        db.execute(
+            "UPDATE jobs SET queue = json_extract(state, '$.queue'),"
+            " error_type = json_extract(state, '$.error.type')"
+        )
+
+
+def _filters(
+    statuses: Collection[JobStatus],
+    task: str | None,
+    owner: str | None,
+    error_type: str | None,
+    finished_after: float | None,
+    finished_before: float | None,
+    before_seq: int,
+) -> tuple[str, list[Any]]:
+    """The WHERE clause (and its parameters) of jobs created before `before_seq` that match."""
+    where: list[str] = ["seq < ?"]
+    params: list[Any] = [before_seq]
+    if owner is not None:
+        where.append("owner = ?")
+        params.append(owner)
+    if statuses:
+        where.append(f"status IN ({', '.join('?' * len(statuses))})")
+        params += [status.value for status in statuses]
+    if task is not None:
+        where.append("task = ?")
+        params.append(task)
+    if error_type is not None:
+        where.append("error_type = ?")
+        params.append(error_type)
+    if finished_after is not None:
+        where.append("finished_at >= ?")
+        params.append(finished_after)
+    if finished_before is not None:
+        where.append("finished_at < ?")
+        params.append(finished_before)
+    return " AND ".join(where), params
+
+
 def scoped_key(owner: str | None, key: str) -> str:
     """An idempotency key as the store keeps it: one principal's key never finds another's job.
     As JSON, so that no owner and key can be written to look like another pair."""
@@ -601,6 +764,8 @@ def connect(path: str) -> sqlite3.Connection:
             raise sqlite3.DatabaseError(f"quick_check: {check}")
         if version == 1:
             _add_owners(db)
+        if version in (1, 2):
+            _add_queues(db)
         db.executescript(SCHEMA)
     except sqlite3.DatabaseError:
         db.close()

@@ -226,19 +226,26 @@ def _ttl(body: dict[str, Any], errors: list[FieldError]) -> float | None:
     return float(value)
 
 
+#: What a time field that is not RFC 3339 is told.
+RFC3339_EXPECTED = "expected an RFC 3339 time with a zone, like 2026-12-01T00:00:00Z"
+
+
+def parse_time(value: object) -> float:
+    """An RFC 3339 date-time with a zone, as a POSIX timestamp; ValueError if it is not one."""
+    # fromisoformat alone takes more than RFC 3339 (week dates, "20261201T000000Z", no zone)
+    # and less (a lower-case "t" or "z").
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError(RFC3339_EXPECTED)
+    return datetime.fromisoformat(value.upper().replace("Z", "+00:00")).timestamp()
+
+
 def _run_at(value: object, now: float, errors: list[FieldError]) -> float:
     try:
-        # fromisoformat alone takes more than RFC 3339 (week dates, "20261201T000000Z", no zone)
-        # and less (a lower-case "t" or "z").
-        if not isinstance(value, str) or not RFC3339.fullmatch(value):
-            raise ValueError
-        moment = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+        moment = parse_time(value)
     except ValueError:
-        errors.append(
-            FieldError("run_at", "expected an RFC 3339 time with a zone, like 2026-12-01T00:00:00Z")
-        )
+        errors.append(FieldError("run_at", RFC3339_EXPECTED))
         return 0.0
-    delay = moment.timestamp() - now
+    delay = moment - now
     if delay > MAX_DELAY:
         errors.append(FieldError("run_at", f"at most {MAX_DELAY:.0f} seconds from now"))
         return 0.0

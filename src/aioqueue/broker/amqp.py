@@ -7,6 +7,7 @@ Topology, with P the configured prefix (several apps share a vhost by prefix):
     P.submit-delayed (fanout) --> P.events, and --> aioqueue.delay.27 (below)
     P.q.<queue> --delivery limit--> P.dlx (fanout) --> P.dead-lettered --(recorded `dead`)--> P.dlq
     failed jobs ------------------------------------------------------------------------> P.dlq
+    P.dlq: quorum, never consumed, bounded (dead.max_length, oldest dropped; dead.max_age_seconds)
 
     aioqueue.delay.27 ... aioqueue.delay.0 (topic) --> aioqueue.delay.deliver
                                                        --[#.P.q.<queue>]--> P.q.<queue>
@@ -41,20 +42,23 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
+from aioqueue.broker import amqp_dead
 from aioqueue.broker.amqp_topics import SKIPPED_PER_SEGMENT, AmqpTopics
 from aioqueue.broker.base import (
     PRIORITY_BANDS,
+    BandStats,
     Broker,
     DeadHandler,
     Delivery,
     DeliveryHandler,
+    DropFn,
     Inspection,
     LogHandler,
     LogKind,
     QueueBand,
     band,
 )
-from aioqueue.config import BrokerSettings, TopicsSettings
+from aioqueue.config import BrokerSettings, DeadSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
 from aioqueue.metrics import Metrics
 
@@ -75,11 +79,17 @@ RECONNECT_DELAY_MAX = 5.0
 #: Seconds an ack or a nack may take to be written before it is given up.
 SETTLE_TIMEOUT = 1.0
 #: Quorum queues have no message priorities (RabbitMQ 3.10), so a queue is one quorum queue per
-#: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9. Each band has its
-#: own consumer; the process starts what they hand it by exact priority (see gate.py).
+#: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9
+#: (`base.PRIORITY_BANDS`). Each band has its own consumer; the process starts what they hand it
+#: by exact priority (gate.py).
 BAND_SUFFIXES = ("", ".p4", ".p7")
 #: Seconds `inspect()` may take in all (a passive declare per band, and a look at the log).
 INSPECT_TIMEOUT = 2.0
+#: Seconds the passive declares of `queue_stats` and `dead_letter_count` may take in all.
+STATS_TIMEOUT = 2.0
+#: Seconds a sweep of the dead-letter queue may take, and may wait for another process's.
+SWEEP_TIMEOUT = 120.0
+SWEEP_LOCK_WAIT = 30.0
 
 
 def band_suffix(priority: int) -> str:
@@ -261,11 +271,13 @@ class AmqpBroker(Broker):
         log_max_bytes: int,
         topics: TopicsSettings | None = None,
         metrics: Metrics | None = None,
+        dead: DeadSettings | None = None,
     ) -> None:
         self._settings = settings
         self._metrics = metrics if metrics is not None else Metrics()
         #: Sessions that got as far as attaching every consumer: all but the first are reconnects.
         self._sessions_up = 0
+        self._dead = dead or DeadSettings()
         self.topics = AmqpTopics(settings, topics or TopicsSettings(), self._publish_topic_message)
         self._log_max_bytes = log_max_bytes
         prefix = settings.prefix
@@ -277,6 +289,7 @@ class AmqpBroker(Broker):
             "dlx": f"{prefix}.dlx",
             "dead": f"{prefix}.dead-lettered",
             "dlq": f"{prefix}.dlq",
+            "dlq-sweep": f"{prefix}.dlq.sweep",
         }
         self._queues: Collection[str] = ()
         self._handlers: dict[str, DeliveryHandler] = {}
@@ -405,9 +418,9 @@ class AmqpBroker(Broker):
             "x-max-length-bytes": self._log_max_bytes,
             "x-stream-max-segment-size-bytes": 8_000_000,
         }
-        await self._declare_stream(session, names["events"], log_arguments)
+        await self._declare_kept(session, names["events"], log_arguments, STREAM_KEPT)
         events = await channel.declare_queue(names["events"], passive=True)
-        await self._declare_stream(session, self.topics.name, self.topics.arguments())
+        await self._declare_kept(session, self.topics.name, self.topics.arguments(), STREAM_KEPT)
         await events.bind(submit)
         delayed = await channel.declare_exchange(
             names["submit-delayed"], durable.FANOUT, durable=True
@@ -416,7 +429,7 @@ class AmqpBroker(Broker):
         dlx = await channel.declare_exchange(names["dlx"], durable.FANOUT, durable=True)
         dead = await channel.declare_queue(names["dead"], durable=True, arguments=_quorum())
         await dead.bind(dlx)
-        await channel.declare_queue(names["dlq"], durable=True, arguments=_quorum())
+        await self._declare_kept(session, names["dlq"], self._dlq_arguments(), DLQ_KEPT)
         deliver = await self._declare_delays(channel)
         assert self._delay_entry is not None
         await self._delay_entry.bind(delayed)  # keeps the routing key: the delay's digits
@@ -442,22 +455,28 @@ class AmqpBroker(Broker):
             "default": channel.default_exchange,
         }
 
-    async def _declare_stream(
-        self, session: _Session, name: str, arguments: dict[str, Any]
+    def _dlq_arguments(self) -> dict[str, Any]:
+        # Bounded as the config says, the oldest dropped first (drop-head: a full dead-letter
+        # queue must never refuse a job's dead letter). Nothing dead-letters out of it, so it
+        # needs none of `_quorum()`'s dead-lettering arguments.
+        return {
+            "x-queue-type": "quorum",
+            "x-max-length": self._dead.max_length,
+            "x-message-ttl": self._dead.max_age_seconds * 1000,
+            "x-overflow": "drop-head",
+        }
+
+    async def _declare_kept(
+        self, session: _Session, name: str, arguments: dict[str, Any], warning: str
     ) -> None:
-        """Declare a stream, or keep the one there: a stream keeps the retention it was declared
-        with, RabbitMQ refuses a declare with other arguments (and closes its channel, hence a
-        channel of its own), and a policy is how an operator changes them."""
+        """Declare a queue, or keep the one there: RabbitMQ refuses a declare with arguments
+        other than those the queue was declared with (and closes its channel, hence a channel
+        of its own); a policy is how an operator changes them. `warning` says so."""
         channel = await session.connection.channel()
         try:
             await channel.declare_queue(name, durable=True, arguments=arguments)
         except aiormq.exceptions.ChannelPreconditionFailed as exc:
-            logger.warning(
-                "the stream %s keeps the retention it was declared with, not the config's (%s);"
-                " change it with a RabbitMQ policy, or delete the stream",
-                name,
-                exc,
-            )
+            logger.warning(warning, name, exc)
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -786,13 +805,100 @@ class AmqpBroker(Broker):
         await self._publish("default", self.topics.name, body, None, headers, submit=True)
 
     async def dead_letter(self, body: bytes, reason: str) -> None:
-        await self._publish(
-            "default", self.names["dlq"], body, headers={"x-aioqueue-reason": reason}
-        )
+        headers = {"x-aioqueue-reason": reason, amqp_dead.DEAD_AT_HEADER: amqp_dead.now_ms()}
+        try:
+            await self._publish("default", self.names["dlq"], body, headers=headers)
+        except QueueFull:
+            # A dead-letter queue declared by an earlier version (reject-publish) that a policy
+            # bounds: its copy of the job is lost, never the job's outcome (the job's record
+            # has its error; a raise here would run the job again).
+            logger.warning(
+                "the dead-letter queue %s is full and refused a message (%s); declared by an"
+                " earlier version? see the README's Dead letters",
+                self.names["dlq"],
+                reason,
+            )
+
+    # Operations -------------------------------------------------------------------------------
+
+    async def queue_stats(self, queue: str) -> list[BandStats]:
+        declared = await self._passive(self.queue_names(queue))
+        return [BandStats(messages, consumers) for messages, consumers in declared]
+
+    async def dead_letter_count(self) -> int:
+        [(messages, _)] = await self._passive([self.names["dlq"]])
+        return messages
+
+    async def _passive(self, names: list[str]) -> list[tuple[int, int]]:
+        """(ready messages, consumers) of each queue, on a channel of their own: a passive
+        declare of a queue that is gone closes its channel, never the session's."""
+        session = self._session
+        if session is None or session.lost.is_set():
+            raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
+        with translate_errors("queue statistics"):
+            async with asyncio.timeout(STATS_TIMEOUT):
+                channel = await session.connection.channel()
+                try:
+                    raw = await channel.get_underlay_channel()
+                    found = []
+                    for name in names:
+                        ok = await raw.queue_declare(name, passive=True)
+                        found.append((int(ok.message_count or 0), int(ok.consumer_count or 0)))
+                    return found
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
+
+    async def drop_dead_letters(self, drop: DropFn) -> int:
+        with translate_errors("sweep the dead-letter queue"):
+            async with asyncio.timeout(SWEEP_TIMEOUT):
+                connection = await aio_pika.connect(
+                    self._settings.url,
+                    timeout=self._settings.heartbeat,
+                    client_properties={"connection_name": f"aioqueue {self._settings.prefix} dlq"},
+                )
+                async with connection:
+                    try:
+                        return await amqp_dead.sweep(
+                            connection,
+                            self.names["dlq"],
+                            self.names["dlq-sweep"],
+                            drop,
+                            self._dead.max_age_seconds * 1000,
+                            SWEEP_LOCK_WAIT,
+                        )
+                    except amqp_dead.LockTimeout as exc:
+                        raise BrokerUnavailable(str(exc)) from None
+
+    async def purge_dead_letters(self) -> int:
+        session = self._session
+        if session is None or session.lost.is_set():
+            raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
+        with translate_errors("purge the dead-letter queue"):
+            async with asyncio.timeout(STATS_TIMEOUT):
+                channel = await session.connection.channel()
+                try:
+                    raw = await channel.get_underlay_channel()
+                    purged = await raw.queue_purge(self.names["dlq"])
+                    return int(purged.message_count or 0)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await channel.close()
 
     def _confirmed(self, since: float, confirming: asyncio.Future[Any]) -> None:
         if not confirming.cancelled() and confirming.exception() is None:
             self._metrics.broker_confirm_seconds.observe(time.monotonic() - since)
+
+
+STREAM_KEPT = (
+    "the stream %s keeps the retention it was declared with, not the config's (%s); change it"
+    " with a RabbitMQ policy, or delete the stream"
+)
+DLQ_KEPT = (
+    "the dead-letter queue %s keeps the arguments it was declared with, not the config's [dead]"
+    " bound (%s): it was declared by an earlier version, unbounded. Read or move its messages,"
+    " then delete it (aioqueue declares it again, bounded); see the README's Dead letters"
+)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

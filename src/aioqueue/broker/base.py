@@ -23,6 +23,10 @@ the log. Usage, as `Service` does it::
 Every publishing method returns only after the broker confirmed the message and raises
 `BrokerUnavailable` otherwise (including when no confirm came in time). Errors of the broker's
 client library never escape a `Broker`.
+
+A queue is three queues in the broker, one per priority band (`PRIORITY_BANDS`); messages of a
+higher band are handed out first. The dead-letter queue is one for all queues, never consumed by
+aioqueue, and bounded (`DeadSettings`): it is where an operator finds what died.
 """
 
 from __future__ import annotations
@@ -62,6 +66,20 @@ class Inspection:
     #: The offset of the newest entry of the event log, as far as the broker tells (None: it is
     #: empty, or did not say).
     log_head: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BandStats:
+    """One band of a queue, as the broker sees it now."""
+
+    #: Messages ready to be handed out (not those held by consumers, nor those delayed).
+    depth: int
+    #: Consumers attached, over every process.
+    consumers: int
+
+
+#: Decides, from its body, whether a message of the dead-letter queue goes.
+DropFn = Callable[[bytes], bool]
 
 
 class LogKind(StrEnum):
@@ -207,4 +225,25 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def dead_letter(self, body: bytes, reason: str) -> None:
-        """Keep a job message in the dead-letter queue, with the reason."""
+        """Keep a job message in the dead-letter queue, with the reason (past the queue's bound,
+        the oldest message goes)."""
+
+    # Operations -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def queue_stats(self, queue: str) -> list[BandStats]:
+        """Each band of `queue` (in the order of `PRIORITY_BANDS`). Raises BrokerUnavailable."""
+
+    @abc.abstractmethod
+    async def dead_letter_count(self) -> int:
+        """Messages in the dead-letter queue. Raises BrokerUnavailable."""
+
+    @abc.abstractmethod
+    async def drop_dead_letters(self, drop: DropFn) -> int:
+        """Remove the messages of the dead-letter queue for which `drop(body)` is true; returns
+        how many. The others stay, their age kept. Raises BrokerUnavailable (then some may be
+        gone and the others stay)."""
+
+    @abc.abstractmethod
+    async def purge_dead_letters(self) -> int:
+        """Empty the dead-letter queue; returns how many messages it held."""

@@ -12,16 +12,19 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 from collections.abc import Collection, Coroutine
 from typing import Any
 
 from aioqueue import compactjson
 from aioqueue.broker.base import (
     PRIORITY_BANDS,
+    BandStats,
     Broker,
     DeadHandler,
     Delivery,
     DeliveryHandler,
+    DropFn,
     Inspection,
     LogHandler,
     LogKind,
@@ -29,15 +32,14 @@ from aioqueue.broker.base import (
     band,
 )
 from aioqueue.broker.memory_topics import MemoryTopics
-from aioqueue.config import TopicsSettings
+from aioqueue.config import DeadSettings, TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
 
 logger = logging.getLogger(__name__)
 
-#: Dead letters kept in memory, at most so many and so many bytes of them; the oldest go first
-#: beyond either. By bytes too: a dead letter is a job's whole message, args and all (up to
-#: `jobs.max_args_bytes` each), and 10,000 of those could be gigabytes.
-DEAD_LETTERS_KEPT = 10_000
+#: Dead letters kept in memory, beyond `dead.max_length` and `dead.max_age_seconds`: at most so
+#: many bytes of them, the oldest going first. A dead letter is a job's whole message, args and
+#: all (up to `jobs.max_args_bytes` each), and 10,000 of those could be gigabytes of RAM.
 DEAD_LETTER_BYTES = 16 * 2**20
 
 
@@ -82,6 +84,7 @@ class MemoryBroker(Broker):
         max_queue_length: int = 0,
         delivery_limit: int | None = None,
         topics: TopicsSettings | None = None,
+        dead: DeadSettings | None = None,
     ) -> None:
         retention = topics or TopicsSettings()
         self.topics = MemoryTopics(retention.retention_seconds, retention.retention_bytes)
@@ -103,7 +106,9 @@ class MemoryBroker(Broker):
         self._on_log: LogHandler | None = None
         self._next_offset = 0
         self._on_dead: DeadHandler | None = None
-        self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque()
+        self._dead = dead or DeadSettings()
+        #: (body, reason, when kept, on the monotonic clock), oldest first.
+        self._dead_letters: collections.deque[tuple[bytes, str, float]] = collections.deque()
         self._dead_letter_bytes = 0
 
     async def start(
@@ -259,13 +264,51 @@ class MemoryBroker(Broker):
     async def dead_letter(self, body: bytes, reason: str) -> None:
         self._keep_dead_letter(body, reason)
 
+    @property
+    def dead_letters(self) -> list[tuple[bytes, str]]:
+        """The dead-letter queue's messages and their reasons, oldest first."""
+        self._expire_dead_letters()
+        return [(body, reason) for body, reason, _ in self._dead_letters]
+
     def _keep_dead_letter(self, body: bytes, reason: str) -> None:
-        self.dead_letters.append((body, reason))
+        self._dead_letters.append((body, reason, time.monotonic()))
         self._dead_letter_bytes += len(body)
-        while len(self.dead_letters) > DEAD_LETTERS_KEPT or (
-            self._dead_letter_bytes > DEAD_LETTER_BYTES and len(self.dead_letters) > 1
+        while len(self._dead_letters) > self._dead.max_length or (
+            self._dead_letter_bytes > DEAD_LETTER_BYTES and len(self._dead_letters) > 1
         ):
-            self._dead_letter_bytes -= len(self.dead_letters.popleft()[0])
+            self._dead_letter_bytes -= len(self._dead_letters.popleft()[0])
+        self._expire_dead_letters()
+
+    def _expire_dead_letters(self) -> None:
+        # As a queue's x-message-ttl: the oldest first, each after max_age_seconds.
+        horizon = time.monotonic() - self._dead.max_age_seconds
+        while self._dead_letters and self._dead_letters[0][2] < horizon:
+            self._dead_letter_bytes -= len(self._dead_letters.popleft()[0])
+
+    # Operations -------------------------------------------------------------------------------
+
+    async def queue_stats(self, queue: str) -> list[BandStats]:
+        self._check_route(queue)
+        consumers = int(queue in self._consumers)
+        return [BandStats(depth, consumers) for depth in self._ready[queue]]
+
+    async def dead_letter_count(self) -> int:
+        self._expire_dead_letters()
+        return len(self._dead_letters)
+
+    async def drop_dead_letters(self, drop: DropFn) -> int:
+        self._expire_dead_letters()
+        kept = [entry for entry in self._dead_letters if not drop(entry[0])]
+        dropped = len(self._dead_letters) - len(kept)
+        self._dead_letters = collections.deque(kept)
+        self._dead_letter_bytes = sum(len(body) for body, _, _ in kept)
+        return dropped
+
+    async def purge_dead_letters(self) -> int:
+        count = await self.dead_letter_count()
+        self._dead_letters.clear()
+        self._dead_letter_bytes = 0
+        return count
 
     def _log(self, kind: LogKind, body: bytes) -> None:
         if self._on_log is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from aioqueue.auth import Principal
+from aioqueue.deadletters import parse_filter
 from aioqueue.errors import (
     FieldError,
     InvalidRequest,
@@ -21,11 +22,13 @@ from aioqueue.errors import (
     UnsupportedMediaType,
 )
 from aioqueue.jobs import Job, JobStatus
+from aioqueue.submission import RFC3339_EXPECTED, parse_time
 from aioqueue.topics import check_topic
 from aioqueue.web.problems import problem, problems
 from aioqueue.web.state import STATE
 
 if TYPE_CHECKING:
+    from aioqueue.deadletters import DeadFilter, DeadLetters
     from aioqueue.producer import Jobs
 
 #: `?wait=` above this many seconds counts as this many.
@@ -68,7 +71,7 @@ async def read_json(request: web.Request) -> Any:
         ) from None
 
 
-def _check_query(query: MultiMapping[str], allowed: set[str]) -> None:
+def _check_query(query: MultiMapping[str], allowed: Collection[str]) -> None:
     errors = [FieldError(key, "unknown query parameter") for key in query if key not in allowed]
     errors += [
         FieldError(k, "given more than once") for k in allowed if len(query.getall(k, [])) > 1
@@ -161,7 +164,7 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     owner = state.caller(request).list_owner()
     jobs = state.jobs()
     query = request.query
-    _check_query(query, {"status", "task", "limit", "cursor"})
+    _check_query(query, LIST_FILTERS)
     errors: list[FieldError] = []
     statuses: set[JobStatus] = set()
     # Exactly the names, comma-separated: an empty or padded one is a 400, not ignored.
@@ -173,15 +176,39 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     limit = _limit(query.get("limit", "50"))
     if not 1 <= limit <= MAX_LIMIT:
         errors.append(FieldError("limit", f"expected an integer from 1 to {MAX_LIMIT}"))
+    times = {key: _time(query, key, errors) for key in ("finished_after", "finished_before")}
     if errors:
         raise InvalidRequest("invalid query parameters", errors)
     most = state.settings.http.max_list_bytes
-    with contextlib.closing(
-        jobs.page(statuses, query.get("task"), limit, query.get("cursor"), owner)
-    ) as page:
+    page = jobs.page(
+        statuses,
+        query.get("task"),
+        limit,
+        query.get("cursor"),
+        owner,
+        error_type=query.get("error_type"),
+        **times,
+    )
+    with contextlib.closing(page):
         # Only `jobs:admin` (or anyone, with auth off) sees every job, and tracebacks.
         body = list_body(page, most, tracebacks=owner is None)
     return web.Response(body=body, content_type="application/json")
+
+
+#: The query parameters of `GET /v1/jobs`.
+LIST_FILTERS = frozenset(
+    {"status", "task", "error_type", "finished_after", "finished_before", "limit", "cursor"}
+)
+
+
+def _time(query: MultiMapping[str], key: str, errors: list[FieldError]) -> float | None:
+    if key not in query:
+        return None
+    try:
+        return parse_time(query[key])
+    except ValueError:
+        errors.append(FieldError(key, RFC3339_EXPECTED))
+        return None
 
 
 def list_body(
@@ -232,6 +259,45 @@ async def publish(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
     offset = await topics.publish(topic, data)
     return json_response({"topic": topic, "offset": offset}, status=202)
+
+
+@problems
+async def list_queues(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    state.caller(request).check_admin("the queues")
+    stats = state.queue_stats()
+    _check_query(request.query, set())
+    return json_response(await stats.report())
+
+
+@problems
+async def retry_dead(request: web.Request) -> web.StreamResponse:
+    dead, flt = await _dead_request(request)
+    if flt.dry_run:
+        return json_response({"count": dead.count(flt)})
+    retried, left = await dead.retry(flt)
+    return json_response({"count": retried, "left": left})
+
+
+@problems
+async def purge_dead(request: web.Request) -> web.StreamResponse:
+    dead, flt = await _dead_request(request)
+    if flt.dry_run:
+        return json_response({"count": dead.count(flt)})
+    purged, removed = await dead.purge(flt)
+    return json_response({"count": purged, "removed": removed})
+
+
+async def _dead_request(request: web.Request) -> tuple[DeadLetters, DeadFilter]:
+    """The service's dead letters and the request's filter, once the caller may (401, 403,
+    429, 503, then 4xx of the body)."""
+    state = request.app[STATE]
+    who = state.caller(request)
+    who.check_admin("dead letters")
+    state.limits.check_write(who)
+    dead = state.dead_letters()
+    _check_query(request.query, set())
+    return dead, parse_filter(await read_json(request))
 
 
 @problems

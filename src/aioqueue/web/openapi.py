@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from aiohttp import web
 
-from aioqueue import submission, topics
+from aioqueue import deadletters, submission, topics
+from aioqueue.broker.base import PRIORITY_BANDS
 from aioqueue.jobs import JobStatus
 from aioqueue.runner import MAX_PROGRESS_MESSAGE
 from aioqueue.tasks import PRIORITIES
@@ -146,7 +147,9 @@ UNAUTHORIZED["headers"] = {
 }
 FORBIDDEN = _problem("the principal's scopes do not allow this")
 #: Operations that change something: each is counted against `auth.max_submits_per_second`.
-WRITES = frozenset({"submitJob", "cancelJob", "retryJob", "publish"})
+WRITES = frozenset(
+    {"submitJob", "cancelJob", "retryJob", "publish", "retryDeadLetters", "purgeDeadLetters"}
+)
 #: Operations any authenticated principal may call, whatever its scopes.
 ANY_PRINCIPAL = frozenset({"listTasks"})
 
@@ -408,6 +411,143 @@ def schemas() -> dict[str, Any]:
                 "offset": OFFSET,
             },
         },
+        **_operations_schemas(),
+    }
+
+
+def _operations_schemas() -> dict[str, Any]:
+    """The bodies of GET /v1/queues and of the dead-letter operations."""
+    count = {"type": "integer", "minimum": 0}
+    maybe_count = {"type": ["integer", "null"], "minimum": 0}
+    name = {"type": "string", "minLength": 1, "maxLength": deadletters.MAX_NAME}
+    band = {
+        "type": "object",
+        "required": ["depth", "consumers"],
+        "properties": {"depth": count, "consumers": count},
+    }
+    return {
+        "Queue": {
+            "type": "object",
+            "required": [
+                "name",
+                "depth",
+                "bands",
+                "consumers",
+                "running",
+                "in_per_s",
+                "out_per_s",
+                "oldest_age_s",
+                "dead",
+            ],
+            "properties": {
+                "name": {"type": "string"},
+                "depth": {
+                    **maybe_count,
+                    "description": "jobs ready in the broker, every band; null while the broker"
+                    " is unreachable (so are bands and consumers)",
+                },
+                "bands": {
+                    "type": ["object", "null"],
+                    "description": "depth and consumers of each priority band",
+                    "required": list(PRIORITY_BANDS),
+                    "properties": dict.fromkeys(PRIORITY_BANDS, band),
+                    "additionalProperties": False,
+                },
+                "consumers": {**maybe_count, "description": "the fewest of any band"},
+                "running": {**count, "description": "jobs running, in every process"},
+                "in_per_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "jobs and attempts sent to the queue per second (queued,"
+                    " scheduled, retrying) over the last minute, in every process",
+                },
+                "out_per_s": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "attempts started per second over the last minute",
+                },
+                "oldest_age_s": {
+                    "type": ["number", "null"],
+                    "minimum": 0,
+                    "description": "seconds since the oldest queued job was created; null if"
+                    " none is queued",
+                },
+                "dead": {**count, "description": "the queue's failed and dead jobs kept"},
+            },
+        },
+        "QueueList": {
+            "type": "object",
+            "required": ["queues", "dead_letter_queue"],
+            "properties": {
+                "queues": {"type": "array", "items": _ref("Queue")},
+                "dead_letter_queue": {
+                    "type": "object",
+                    "required": ["messages", "max_length", "max_age_seconds"],
+                    "properties": {
+                        "messages": {
+                            **maybe_count,
+                            "description": "messages in the dead-letter queue; null while the"
+                            " broker is unreachable",
+                        },
+                        "max_length": count,
+                        "max_age_seconds": count,
+                    },
+                },
+            },
+        },
+        "DeadFilter": {
+            "type": "object",
+            "description": "the failed and dead jobs that match every field given; at least"
+            ' one of task, error_type, before, or "all": true',
+            "properties": {
+                "task": name,
+                "error_type": {**name, "description": "the type of the job's error"},
+                "before": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "jobs that finished before this time (RFC 3339)",
+                },
+                "all": {
+                    "type": "boolean",
+                    "description": "true, with no other field: every dead letter",
+                },
+                "dry_run": {
+                    "type": "boolean",
+                    "description": "count the jobs that match, and change nothing",
+                },
+            },
+            "additionalProperties": False,
+            "anyOf": [
+                {"required": ["task"]},
+                {"required": ["error_type"]},
+                {"required": ["before"]},
+                {"required": ["all"], "properties": {"all": {"const": True}}},
+            ],
+        },
+        "DeadRetried": {
+            "type": "object",
+            "required": ["count"],
+            "properties": {
+                "count": {**count, "description": "jobs retried (with dry_run: that match)"},
+                "left": {
+                    **count,
+                    "description": "jobs that match and were not retried: a full queue or job"
+                    " store, or the broker away, stopped it (absent with dry_run)",
+                },
+            },
+        },
+        "DeadPurged": {
+            "type": "object",
+            "required": ["count"],
+            "properties": {
+                "count": {**count, "description": "jobs purged (with dry_run: that match)"},
+                "removed": {
+                    **count,
+                    "description": "messages taken out of the dead-letter queue (absent with"
+                    " dry_run)",
+                },
+            },
+        },
     }
 
 
@@ -469,6 +609,24 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                         "schema": {"type": "array", "items": _ref("JobStatus"), "minItems": 1},
                     },
                     {"name": "task", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "error_type",
+                        "in": "query",
+                        "description": "jobs whose error has this type",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "finished_after",
+                        "in": "query",
+                        "description": "jobs that finished at this time (RFC 3339) or later",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
+                    {
+                        "name": "finished_before",
+                        "in": "query",
+                        "description": "jobs that finished before this time (RFC 3339)",
+                        "schema": {"type": "string", "format": "date-time"},
+                    },
                     {
                         "name": "limit",
                         "in": "query",
@@ -538,6 +696,7 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 },
             },
         },
+        **_operations_paths(),
         "/v1/tasks": {
             "get": {
                 "operationId": "listTasks",
@@ -588,6 +747,42 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                         "content": {METRICS_TEXT: {"schema": {"type": "string"}}},
                     },
                     **_errors(400),
+                },
+            }
+        },
+    }
+
+
+def _operations_paths() -> dict[str, Any]:
+    """GET /v1/queues and the dead-letter operations (jobs:admin, with auth on)."""
+    body = {"required": True, "content": _content(_ref("DeadFilter"))}
+    return {
+        "/v1/queues": {
+            "get": {
+                "operationId": "listQueues",
+                "summary": "Each queue: depth per band, consumers, rates, oldest job, dead letters",
+                "responses": {"200": _ok("the queues", _ref("QueueList")), **_errors(400, 503)},
+            }
+        },
+        "/v1/dead/retry": {
+            "post": {
+                "operationId": "retryDeadLetters",
+                "summary": "Run again every failed and dead job that matches",
+                "requestBody": body,
+                "responses": {
+                    "200": _ok("retried", _ref("DeadRetried")),
+                    **_errors(400, 408, 413, 415, 429, 503),
+                },
+            }
+        },
+        "/v1/dead/purge": {
+            "post": {
+                "operationId": "purgeDeadLetters",
+                "summary": "Forget every failed and dead job that matches, and its dead letters",
+                "requestBody": body,
+                "responses": {
+                    "200": _ok("purged", _ref("DeadPurged")),
+                    **_errors(400, 408, 413, 415, 503),
                 },
             }
         },

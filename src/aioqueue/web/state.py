@@ -18,8 +18,10 @@ from aioqueue.web.hub import Hub
 from aioqueue.web.principals import Limits, authenticate
 
 if TYPE_CHECKING:
+    from aioqueue.deadletters import DeadLetters
     from aioqueue.producer import Jobs
     from aioqueue.publisher import Topics
+    from aioqueue.queues import QueueStats
     from aioqueue.service import Service
 
 #: Told of the service when it is built, and of None when it is closed (`App.mount` keeps it).
@@ -54,18 +56,25 @@ class State:
         """Who sent the request (its `Authorization` header); `Unauthorized` (401) if nobody."""
         return authenticate(self.authenticator, request.headers.get("Authorization"))
 
-    def jobs(self) -> Jobs:
-        """The producer side of the service; NotReady (503) before the service is built (its
-        own calls say NotReady until its store is complete)."""
+    def built(self) -> Service:
+        """The service; NotReady (503) before it is built (its own calls say NotReady until its
+        store is complete)."""
         if self.service is None:
             raise NotReady("starting")
-        return self.service.jobs
+        return self.service
+
+    def jobs(self) -> Jobs:
+        """The producer side of the service."""
+        return self.built().jobs
 
     def topics(self) -> Topics:
-        """The topics of the service; NotReady (503) before the service is built."""
-        if self.service is None:
-            raise NotReady("starting")
-        return self.service.topics
+        return self.built().topics
+
+    def dead_letters(self) -> DeadLetters:
+        return self.built().dead_letters
+
+    def queue_stats(self) -> QueueStats:
+        return self.built().queue_stats
 
 
 STATE = web.AppKey("aioqueue", State)
