@@ -58,6 +58,7 @@ HTTP: dict[str, tuple[str, str, Any, tuple[int, ...]]] = {
     "publish":       ("POST",   "/v1/topics/orders.eu",     {"n": 1}, (401, 401, 401, 403, 202, 202, 403)),
     "publish-other": ("POST",   "/v1/topics/news.eu",       {"n": 1}, (401, 401, 401, 403, 403, 403, 403)),
     "tasks":         ("GET",    "/v1/tasks",                None,  (401, 401, 401, 200, 200, 200, 200)),
+    "schedules":     ("GET",    "/v1/schedules",            None,  (401, 401, 401, 403, 403, 403, 200)),
     "healthz":       ("GET",    "/healthz",                 None,  (200, 200, 200, 200, 200, 200, 200)),
     "readyz":        ("GET",    "/readyz",                  None,  (200, 200, 200, 200, 200, 200, 200)),
     "openapi":       ("GET",    "/openapi.json",            None,  (200, 200, 200, 200, 200, 200, 200)),

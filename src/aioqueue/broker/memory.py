@@ -16,7 +16,15 @@ from collections.abc import Collection, Coroutine
 from typing import Any
 
 from aioqueue import compactjson
-from aioqueue.broker.base import Broker, DeadHandler, Delivery, DeliveryHandler, LogHandler, LogKind
+from aioqueue.broker.base import (
+    Broker,
+    DeadHandler,
+    Delivery,
+    DeliveryHandler,
+    LeaderHandler,
+    LogHandler,
+    LogKind,
+)
 from aioqueue.broker.memory_topics import MemoryTopics
 from aioqueue.config import TopicsSettings
 from aioqueue.errors import BrokerUnavailable, QueueFull
@@ -91,6 +99,7 @@ class MemoryBroker(Broker):
         self._on_dead: DeadHandler | None = None
         self.dead_letters: collections.deque[tuple[bytes, str]] = collections.deque()
         self._dead_letter_bytes = 0
+        self._leader: LeaderHandler | None = None
 
     async def start(
         self,
@@ -148,7 +157,15 @@ class MemoryBroker(Broker):
     def release(self, queue: str) -> None:
         self._credit[queue].release()
 
+    async def lead(self, on_change: LeaderHandler) -> None:
+        # One process, no other to compete with: it leads until it stops consuming.
+        self._leader = on_change
+        on_change(True)
+
     async def stop_consuming(self) -> None:
+        leader, self._leader = self._leader, None
+        if leader is not None:
+            leader(False)
         consumers = list(self._consumers.values())
         self._consumers.clear()
         for task in consumers:

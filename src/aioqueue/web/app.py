@@ -56,6 +56,7 @@ def install(
     web_app.router.add_post("/v1/jobs/{id}/retry", handlers.retry_job)
     web_app.router.add_post("/v1/topics/{topic}", handlers.publish)
     web_app.router.add_get("/v1/tasks", handlers.list_tasks)
+    web_app.router.add_get("/v1/schedules", handlers.list_schedules)
     web_app.router.add_get("/v1/ws", websocket)
     web_app.router.add_get("/healthz", handlers.healthz)
     web_app.router.add_get("/readyz", handlers.readyz)

@@ -56,6 +56,12 @@ class State:
             raise NotReady("starting")
         return self.service.jobs
 
+    def service_running(self) -> Service:
+        """The service; NotReady (503) before it is built."""
+        if self.service is None:
+            raise NotReady("starting")
+        return self.service
+
     def topics(self) -> Topics:
         """The topics of the service; NotReady (503) before the service is built."""
         if self.service is None:
