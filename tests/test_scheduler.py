@@ -10,8 +10,10 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
+import jsonschema_rs
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -286,6 +288,34 @@ async def test_served_ticks_submit_jobs_with_their_keys_and_the_jobs_run(
     next_tick = parse_tick(schedule["next_run_at"])
     assert next_tick is not None and next_tick > now_ms() - 200
     assert (await client.get("/v1/schedules?task=beat")).status == 400
+
+
+async def test_the_schedules_answer_as_openapi_json_describes_it(
+    aiohttp_client: Callable[[web.Application], Awaitable[Client]],
+) -> None:
+    app = make_app(every=3600)
+
+    @app.periodic("30 4 * * MON", catch_up="skip", grace=5)
+    async def weekly() -> None:
+        return None
+
+    client = await serve(aiohttp_client, app)
+    document = await (await client.get("/openapi.json")).json()
+    body = await (await client.get("/v1/schedules")).json()
+    schemas = document["components"]["schemas"]
+    # The one reference it has, inlined: a validator of the schema alone.
+    schema = {**schemas["ScheduleList"], "$defs": {"Schedule": schemas["Schedule"]}}
+    schema["properties"]["schedules"]["items"] = {"$ref": "#/$defs/Schedule"}
+    jsonschema_rs.Draft202012Validator(schema).validate(body)
+    assert [(s["task"], s.get("cron"), s.get("every")) for s in body["schedules"]] == [
+        ("beat", None, 3600.0),
+        ("weekly", "30 4 * * MON", None),
+    ]
+    next_run = parse_tick(body["schedules"][1]["next_run_at"])
+    assert next_run is not None
+    assert datetime.fromtimestamp(next_run / 1000, UTC).strftime("%a %H:%M") == "Mon 04:30"
+    responses = document["paths"]["/v1/schedules"]["get"]["responses"]
+    assert set(responses) == {"200", "400", "503"}
 
 
 async def test_the_record_keeps_only_ticks_a_leader_could_have_submitted(
