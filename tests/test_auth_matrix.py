@@ -61,6 +61,7 @@ HTTP: dict[str, tuple[str, str, Any, tuple[int, ...]]] = {
     "queues":        ("GET",    "/v1/queues",               None,  (401, 401, 401, 403, 403, 403, 200)),
     "dead-retry":    ("POST",   "/v1/dead/retry",           {"task": "add"}, (401, 401, 401, 403, 403, 403, 200)),
     "dead-purge":    ("POST",   "/v1/dead/purge",           {"task": "add"}, (401, 401, 401, 403, 403, 403, 200)),
+    "schedules":     ("GET",    "/v1/schedules",            None,  (401, 401, 401, 403, 403, 403, 200)),
     "healthz":       ("GET",    "/healthz",                 None,  (200, 200, 200, 200, 200, 200, 200)),
     "readyz":        ("GET",    "/readyz",                  None,  (200, 200, 200, 200, 200, 200, 200)),
     "openapi":       ("GET",    "/openapi.json",            None,  (200, 200, 200, 200, 200, 200, 200)),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from aioqueue.config import Settings
 from aioqueue.errors import TaskDefinitionError
+from aioqueue.periodic import DEFAULT_GRACE, CatchUp, Periodic, check_policy, schedule_of
 from aioqueue.service import Service
 from aioqueue.tasks import Task
 
@@ -36,6 +38,8 @@ class App:
 
     def __init__(self) -> None:
         self.tasks: dict[str, Task[Any, Any]] = {}
+        #: The periodic tasks' schedules, by task name (`@app.periodic`).
+        self.schedules: dict[str, Periodic] = {}
         self.service: Service | None = None
 
     @overload
@@ -95,6 +99,54 @@ class App:
             return task
 
         return register if fn is None else register(fn)
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        *,
+        every: float | timedelta | None = None,
+        catch_up: CatchUp = "once",
+        grace: float = DEFAULT_GRACE,
+        **task_options: Any,
+    ) -> Callable[[Callable[P, R]], Task[P, R]]:
+        """Run a task on a schedule: `@app.periodic("*/5 * * * *")` (cron, in UTC; a sixth
+        field first is seconds) or `@app.periodic(every=30.0)` (seconds, or a timedelta).
+
+        Above `@app.task`, or alone on a function (then `task_options` are `@app.task`'s). The
+        task must take no required argument: each tick submits one job with no `args`, whose
+        idempotency key is `periodic:TASK:TICK_TIME`. One process at a time submits the ticks
+        (see scheduler.py). A tick found more than `grace` seconds late (no process ran the
+        schedule meanwhile) is dealt with by `catch_up`: `"once"` submits the latest tick due,
+        once for all those missed; `"skip"` submits none of them.
+        """
+        # Checked before anything is registered: a refused schedule leaves no task behind.
+        schedule = schedule_of(cron, every)
+        check_policy(catch_up, grace)
+
+        def register(fn: Callable[P, R]) -> Task[P, R]:
+            if isinstance(fn, Task):
+                if task_options:
+                    raise TaskDefinitionError(
+                        f"task {fn.name!r}: give {sorted(task_options)} to @app.task, below"
+                        " @app.periodic"
+                    )
+                if self.tasks.get(fn.name) is not fn:
+                    raise TaskDefinitionError(f"task {fn.name!r} is not a task of this App")
+                task: Task[P, R] = fn
+            else:
+                task = self.task(**task_options)(fn)
+            if any(param.required for param in task.signature.params):
+                required = [param.name for param in task.signature.params if param.required]
+                raise TaskDefinitionError(
+                    f"periodic task {task.name!r} has required arguments {required}: a tick"
+                    " submits a job with none (give them defaults)"
+                )
+            if task.name in self.schedules:
+                raise TaskDefinitionError(f"task {task.name!r} has a schedule already")
+            self.schedules[task.name] = Periodic(task.name, schedule, catch_up, grace)
+            return task
+
+        return register
 
     @property
     def queues(self) -> set[str]:

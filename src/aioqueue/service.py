@@ -1,6 +1,6 @@
 """One running aioqueue: broker, event log, job store, checkpoints, the producer side (`jobs`,
-`topics`) and the worker side (`runner`), wired and started in order, with one state
-(`ServiceState`)."""
+`topics`), the worker side (`runner`) and the periodic schedules (`scheduler`), wired and started
+in order, with one state (`ServiceState`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from enum import StrEnum
+from typing import Any
 
 from aioqueue import storefile, submission
 from aioqueue.broker.base import Broker
@@ -25,6 +26,7 @@ from aioqueue.producer import Jobs
 from aioqueue.publisher import Topics
 from aioqueue.queues import QueueStats, Rates
 from aioqueue.runner import Runner
+from aioqueue.scheduler import Scheduler, TickRecord
 from aioqueue.store import EXPIRE_CHUNK, JobStore
 from aioqueue.storefile import StoreFile
 from aioqueue.tasks import Registry
@@ -194,6 +196,14 @@ class Service:
         #: What a scrape reads of this service (queues, broker, log); `refresh()` it first.
         self.gauges = ServiceGauges(self)
         self.metrics.registry.register(self.gauges)
+        #: Submits the periodic tasks' ticks while this process leads (None: the app has none).
+        self.scheduler: Scheduler | None = None
+        if registry.schedules:
+            # Before the log is read: the record of the latest ticks is built from it.
+            record = TickRecord(self.store, registry.schedules)
+            self.scheduler = Scheduler(
+                registry.schedules, self.jobs.submit_once, self.log.barrier, record
+            )
         self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -220,6 +230,9 @@ class Service:
         # From now on: what the replay applied is not of the last minute.
         self.rates.start()
         self.store.listeners.append(self.rates.on_change)
+        if self.scheduler is not None:
+            # Once ready, when ticks can be submitted; the lead is given up by stop_consuming().
+            await self.broker.lead(self.scheduler.on_leader_change)
         self._background.append(asyncio.create_task(self._expire_forever(), name="aioqueue-expiry"))
         if self.checkpointer is not None:
             checkpoints = self.checkpointer.run()
@@ -261,6 +274,8 @@ class Service:
         await asyncio.gather(*self._background, return_exceptions=True)
         with contextlib.suppress(Exception):
             await self.broker.stop_consuming()
+        if self.scheduler is not None:
+            await self.scheduler.close()
         await self.job_events.close()
         await self.log.close()
         await self.broker.close()
@@ -268,6 +283,12 @@ class Service:
         self.store.close()
         if self.store_file is not None:
             self.store_file.release()
+
+    def schedules(self) -> list[dict[str, Any]]:
+        """The periodic schedules as `GET /v1/schedules` lists them; NotReady (503) until the
+        store (and with it the record of the latest ticks) is complete."""
+        self._check_open(False)
+        return [] if self.scheduler is None else self.scheduler.describe()
 
     def problem(self) -> str | None:
         """None when ready to serve; else why not (for /readyz and 503s)."""

@@ -9,6 +9,7 @@ from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 from aioqueue.config import JobsSettings
 from aioqueue.errors import TaskDefinitionError
+from aioqueue.periodic import Periodic
 from aioqueue.signature import Signature
 from aioqueue.topics import TopicTemplate
 
@@ -94,10 +95,14 @@ class Task(Generic[P, R]):
 
 
 class Registry(Protocol):
-    """What a service needs of an `App`: its tasks by name, and the queues they use."""
+    """What a service needs of an `App`: its tasks by name, the queues they use, and the
+    schedules of its periodic tasks."""
 
     @property
     def tasks(self) -> Mapping[str, Task[Any, Any]]: ...
+
+    @property
+    def schedules(self) -> Mapping[str, Periodic]: ...
 
     @property
     def queues(self) -> set[str]: ...

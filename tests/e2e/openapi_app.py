@@ -53,3 +53,9 @@ async def fails(message: str = "boom") -> None:
 @app.task
 async def nothing() -> None:
     return None
+
+
+@app.periodic("0 3 * * *")  # listed by GET /v1/schedules; a tick at 03:00 UTC makes a job, no more
+@app.task
+async def nightly(days: int = 1) -> int:
+    return days

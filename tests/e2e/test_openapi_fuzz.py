@@ -138,6 +138,7 @@ async def test_schemathesis_finds_nothing(
         ("POST", "/v1/dead/retry"),
         ("POST", "/v1/dead/purge"),
         ("GET", "/metrics"),
+        ("GET", "/v1/schedules"),
     }
     requested = {
         (entry["request"]["method"], _shape(entry["request"]["url"].removeprefix(server.url)))

@@ -12,6 +12,9 @@ Topology, with P the configured prefix (several apps share a vhost by prefix):
     aioqueue.delay.27 ... aioqueue.delay.0 (topic) --> aioqueue.delay.deliver
                                                        --[#.P.q.<queue>]--> P.q.<queue>
 
+    P.scheduler   quorum, single active consumer: the leader lock (amqp_leader.py), declared
+                  by apps with periodic tasks
+
 Delays need no plugin: a message delayed d seconds carries the 28 binary digits of d in its
 routing key. Level L's exchange sends it to queue `aioqueue.delay.L` (TTL 2^L s) if digit L is 1,
 else straight down to level L-1; each delay queue dead-letters to the level below when its TTL
@@ -43,6 +46,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
 from aioqueue.broker import amqp_dead
+from aioqueue.broker.amqp_leader import AmqpLeader
 from aioqueue.broker.amqp_topics import SKIPPED_PER_SEGMENT, AmqpTopics
 from aioqueue.broker.base import (
     PRIORITY_BANDS,
@@ -53,6 +57,7 @@ from aioqueue.broker.base import (
     DeliveryHandler,
     DropFn,
     Inspection,
+    LeaderHandler,
     LogHandler,
     LogKind,
     QueueBand,
@@ -310,6 +315,14 @@ class AmqpBroker(Broker):
         #: channel it came on did (the broker redelivers it, and the runner waits for this copy).
         self._handling: set[asyncio.Task[None]] = set()
         self._delay_entry: AbstractExchange | None = None
+        #: The lock of the process that submits the periodic jobs' ticks (`lead`).
+        self.leader = AmqpLeader(
+            f"{prefix}.scheduler",
+            # A fresh token well before the broker's consumer_timeout would take the one held.
+            rotate_every=settings.consumer_timeout / 4,
+            publish=self._publish_token,
+            spawn=self._spawn,
+        )
 
     def queue_name(self, queue: str, priority: int = 0) -> str:
         """The quorum queue of `queue`'s band for `priority`."""
@@ -340,6 +353,7 @@ class AmqpBroker(Broker):
                 await self._supervisor
         if self._log_credit is not None:
             self._log_credit.cancel()
+        await self.leader.close()
         await self.topics.close()
         for task in self._handling:
             task.cancel()
@@ -379,6 +393,8 @@ class AmqpBroker(Broker):
             await self._consume_dead_letters(session)
             for queue in list(self._handlers):
                 await self._attach(session, queue)
+            if self.leader.wanted and self._consuming:
+                await self._attach_leader(session)
         self._problem = None
         self._connected.set()
         self._sessions_up += 1
@@ -391,6 +407,8 @@ class AmqpBroker(Broker):
 
     async def _end_session(self) -> None:
         session, self._session = self._session, None
+        # Whatever this process held on that connection, RabbitMQ takes back: it leads no more.
+        self.leader.detach()
         if session is not None:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
@@ -545,8 +563,30 @@ class AmqpBroker(Broker):
         if not check.consumer_count:
             raise BrokerUnavailable(f"queue {name}: consumer not attached")
 
+    async def lead(self, on_change: LeaderHandler) -> None:
+        self.leader.want(on_change)
+        session = self._session
+        if session is not None and self._problem is None and self._consuming:
+            try:
+                await self._attach_leader(session)
+            except Exception as exc:
+                # The next session attaches it again, as every consumer.
+                logger.warning("could not compete for the lead: %s", exc)
+                session.lost.set()
+
+    async def _attach_leader(self, session: _Session) -> None:
+        # A channel of its own, watched as every consumer's: if the broker closes it, or cancels
+        # the consumer (the queue deleted), the session ends and the next one attaches again.
+        channel = await (await self._channel(session)).get_underlay_channel()
+        session.watch_consumer(channel, self.leader.name)
+        await self.leader.attach(channel)
+
+    async def _publish_token(self, body: bytes) -> None:
+        await self._publish("default", self.leader.name, body, kind=None)
+
     async def stop_consuming(self) -> None:
         self._consuming = False
+        await self.leader.resign()
         session = self._session
         if session is None:
             return

@@ -116,6 +116,9 @@ DeliveryHandler = Callable[[Delivery], Coroutine[Any, Any, None]]
 LogHandler = Callable[[LogKind, bytes, int], None]
 #: Called with the body of a job message the broker dead-lettered, and why.
 DeadHandler = Callable[[bytes, str], Awaitable[None]]
+#: Called with True when this process becomes the leader (the one that submits the periodic
+#: jobs' ticks), and with False as soon as it may no longer be.
+LeaderHandler = Callable[[bool], None]
 
 
 #: Called in offset order for every topic message, live: (offset, topic, data as JSON bytes).
@@ -186,8 +189,17 @@ class Broker(abc.ABC):
         """Start consuming `queue` with `handler`, and again after every reconnect."""
 
     @abc.abstractmethod
+    async def lead(self, on_change: LeaderHandler) -> None:
+        """Compete to be the leader, from now on and after every reconnect, and tell `on_change`
+        whenever this process becomes it or stops being it. At most one process of those that
+        share the broker is the leader at a time, as far as the broker can tell: a process cut
+        off from the broker may learn that it lost the lead only after another took it, which
+        is why a tick's job has an idempotency key. `stop_consuming()` gives the lead up."""
+
+    @abc.abstractmethod
     async def stop_consuming(self) -> None:
-        """Stop taking new job messages; the ones in flight may still be acked."""
+        """Stop taking new job messages, and give up the lead; the messages in flight may still
+        be acked."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -26,6 +26,7 @@ from aioqueue.broker.base import (
     DeliveryHandler,
     DropFn,
     Inspection,
+    LeaderHandler,
     LogHandler,
     LogKind,
     QueueBand,
@@ -110,6 +111,7 @@ class MemoryBroker(Broker):
         #: (body, reason, when kept, on the monotonic clock), oldest first.
         self._dead_letters: collections.deque[tuple[bytes, str, float]] = collections.deque()
         self._dead_letter_bytes = 0
+        self._leader: LeaderHandler | None = None
 
     async def start(
         self,
@@ -170,7 +172,15 @@ class MemoryBroker(Broker):
     def release(self, queue: str) -> None:
         self._credit[queue].release()
 
+    async def lead(self, on_change: LeaderHandler) -> None:
+        # One process, no other to compete with: it leads until it stops consuming.
+        self._leader = on_change
+        on_change(True)
+
     async def stop_consuming(self) -> None:
+        leader, self._leader = self._leader, None
+        if leader is not None:
+            leader(False)
         consumers = list(self._consumers.values())
         self._consumers.clear()
         for task in consumers:

@@ -64,6 +64,7 @@ def install(
     web_app.router.add_get("/v1/queues", handlers.list_queues)
     web_app.router.add_post("/v1/dead/retry", handlers.retry_dead)
     web_app.router.add_post("/v1/dead/purge", handlers.purge_dead)
+    web_app.router.add_get("/v1/schedules", handlers.list_schedules)
     web_app.router.add_get("/v1/ws", websocket)
     web_app.router.add_get("/healthz", handlers.healthz)
     web_app.router.add_get("/readyz", handlers.readyz)

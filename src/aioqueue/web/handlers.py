@@ -16,6 +16,7 @@ from aioqueue.auth import Principal
 from aioqueue.deadletters import parse_filter
 from aioqueue.errors import (
     FieldError,
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -307,6 +308,17 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
     defaults = state.settings.jobs
     tasks = [task.describe(defaults) for task in state.registry.tasks.values()]
     return json_response({"tasks": tasks})
+
+
+@problems
+async def list_schedules(request: web.Request) -> web.StreamResponse:
+    """The periodic schedules, and whether this process is the one that submits their ticks
+    (`leader`: the same for every schedule, and true on one process at a time)."""
+    state = request.app[STATE]
+    if not state.caller(request).sees_everything:
+        raise Forbidden("the schedules need the scope jobs:admin")
+    _check_query(request.query, set())
+    return json_response({"schedules": state.service_running().schedules()})
 
 
 @problems

@@ -403,6 +403,57 @@ def schemas() -> dict[str, Any]:
                 },
             },
         },
+        "ScheduleList": {
+            "type": "object",
+            "required": ["schedules"],
+            "properties": {"schedules": {"type": "array", "items": _ref("Schedule")}},
+        },
+        "Schedule": {
+            "type": "object",
+            "description": "a periodic task (`@app.periodic`): `cron` or `every`",
+            "required": [
+                "task",
+                "catch_up",
+                "grace",
+                "next_run_at",
+                "leader",
+                "last_tick_at",
+                "last_job_id",
+            ],
+            "oneOf": [{"required": ["cron"]}, {"required": ["every"]}],
+            "properties": {
+                "task": {"type": "string"},
+                "cron": {"type": "string", "description": "a cron expression, in UTC"},
+                "every": {"type": "number", "exclusiveMinimum": 0, "description": "seconds"},
+                "catch_up": {
+                    "enum": ["once", "skip"],
+                    "description": "what happens to ticks missed while no process ran the"
+                    " schedule (found more than `grace` late): the latest is submitted once,"
+                    " or none is",
+                },
+                "grace": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "seconds a tick may be late and still be submitted on its"
+                    " own (a failover)",
+                },
+                "next_run_at": {
+                    **maybe_time,
+                    "description": "the next tick; null if the schedule has none to come",
+                },
+                "leader": {
+                    "type": "boolean",
+                    "description": "whether this process is the one that submits the ticks (one"
+                    " process at a time is)",
+                },
+                "last_tick_at": {
+                    **maybe_time,
+                    "description": "the latest tick submitted (its job's idempotency key is"
+                    " `periodic:TASK:` and this time), as the event log holds it",
+                },
+                "last_job_id": {"type": ["string", "null"], "description": "that tick's job"},
+            },
+        },
         "Published": {
             "type": "object",
             "required": ["topic", "offset"],
@@ -702,6 +753,16 @@ def _paths(submit_body: Any) -> dict[str, Any]:
                 "operationId": "listTasks",
                 "summary": "The registered tasks",
                 "responses": {"200": _ok("the tasks", _ref("TaskList")), **_errors(400)},
+            }
+        },
+        "/v1/schedules": {
+            "get": {
+                "operationId": "listSchedules",
+                "summary": "The periodic tasks' schedules, with their next run (needs jobs:admin)",
+                "responses": {
+                    "200": _ok("the schedules", _ref("ScheduleList")),
+                    **_errors(400, 503),
+                },
             }
         },
         "/healthz": {
