@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -25,7 +25,12 @@ from aioqueue.errors import BrokerUnavailable
 if TYPE_CHECKING:
     from prometheus_client import Metric
 
-    from aioqueue.service import Service
+    from aioqueue.broker.base import Broker
+    from aioqueue.checkpointer import Checkpointer
+    from aioqueue.eventlog import EventLog
+    from aioqueue.runner import Runner
+    from aioqueue.store import JobStore
+    from aioqueue.tasks import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +38,20 @@ logger = logging.getLogger(__name__)
 MAX_AGE = 2.0
 
 
+class Observed(Protocol):
+    """What the gauges read of a service (`service.Service` is one): a protocol, so that this
+    module needs no import of the service, which imports it."""
+
+    broker: Broker
+    runner: Runner
+    registry: Registry
+    store: JobStore
+    log: EventLog
+    checkpointer: Checkpointer | None
+
+
 class ServiceGauges(Collector):
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Observed) -> None:
         self._service = service
         self._inspection: Inspection | None = None
         self._inspected_at = -MAX_AGE
