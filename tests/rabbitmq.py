@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Container
+from collections.abc import Container, Iterator
 from pathlib import Path
 
 RABBITMQ_BIN = Path("/usr/lib/rabbitmq/bin")
@@ -192,6 +193,25 @@ class RabbitNode:
     def eval(self, expression: str) -> str:
         """Evaluate an Erlang expression on the node (e.g. "rabbit_nodes:all_running().")."""
         return self.ctl("eval", expression)
+
+    @contextlib.contextmanager
+    def consumer_timeout(self, ms: int, check_every_ms: int = 1000) -> Iterator[None]:
+        """RabbitMQ's consumer_timeout at `ms` for the channels opened within, checked every
+        `check_every_ms` (each channel's tick, `channel_tick_interval`: 60 s by default, which
+        made a test of it last a minute); both are put back after, whatever happened."""
+        keys = {"consumer_timeout": ms, "channel_tick_interval": check_every_ms}
+        before = {key: self.eval(f"application:get_env(rabbit, {key}).").strip() for key in keys}
+        try:
+            for key, value in keys.items():
+                self.eval(f"application:set_env(rabbit, {key}, {value}).")
+            yield
+        finally:
+            for key, was in before.items():
+                match = re.fullmatch(r"\{ok,(\d+)\}", was)
+                if match:
+                    self.eval(f"application:set_env(rabbit, {key}, {match.group(1)}).")
+                else:  # unset before: back to RabbitMQ's default
+                    self.eval(f"application:unset_env(rabbit, {key}).")
 
     def log_tail(self, lines: int = 30) -> str:
         log = self.dir / "log" / f"{self.nodename}.log"

@@ -17,7 +17,6 @@ from aioqueue import App, Context, Settings
 from aioqueue.config import BrokerSettings, JobsSettings, StoreSettings
 from aioqueue.periodic import parse_tick
 from aioqueue.service import Service
-from tests.faults.test_consumer_timeout import DEFAULT_TIMEOUT_MS, consumer_timeout
 from tests.rabbitmq import RabbitNode
 from tests.support import eventually
 
@@ -226,27 +225,23 @@ async def test_the_leader_replaces_its_token_before_consumer_timeout(
 async def test_the_lead_outlives_the_brokers_consumer_timeout(
     amqp_url: str, prefix: str, tmp_path: Path, rabbit: RabbitNode
 ) -> None:
-    """The node's consumer_timeout at 5 s (RabbitMQ 3.10 checks it about once a minute, from
-    the channel's start): the leader, told of it (`broker.consumer_timeout`), replaces its token
-    every 1.25 s, so the broker never closes its channel and the lead never moves in 70 s. Held
-    unacked, the one token would have been taken back within about 66 s."""
-    original = consumer_timeout(rabbit)
+    """The node's consumer_timeout at 5 s, checked every second (RabbitMQ's channels check it
+    once a minute by default): the leader, told of it (`broker.consumer_timeout`), replaces its
+    token every 1.25 s, so the broker never closes its channel and the lead never moves in 15 s.
+    Held unacked, the one token would have been taken back within about 6 s."""
     logged = len(rabbit.log_tail(1_000_000).splitlines())
     pair = Pair(amqp_url, prefix, tmp_path, consumer_timeout=5.0)
-    try:
-        # Before the services start: each channel reads consumer_timeout when it is opened.
-        rabbit.eval("application:set_env(rabbit, consumer_timeout, 5000).")
-        await pair.start("a")
-        await pair.start("b")
-        await ticks_after(pair, 350, deadline=90)  # 70 s
-        assert [(n, lead) for n, lead, _ in pair.changes] == [("a", True)]
-        assert pair.service("a").broker.problem() is None
-        await pair.check_ticks(350)
-    finally:
-        await pair.stop()
-        # The node serves the whole session: put its default back, whatever happened.
-        restore = original if original is not None else DEFAULT_TIMEOUT_MS
-        rabbit.eval(f"application:set_env(rabbit, consumer_timeout, {restore}).")
+    # Before the services start: each channel reads both when it is opened.
+    with rabbit.consumer_timeout(5000, check_every_ms=1000):
+        try:
+            await pair.start("a")
+            await pair.start("b")
+            await ticks_after(pair, 75, deadline=30)  # 15 s
+            assert [(n, lead) for n, lead, _ in pair.changes] == [("a", True)]
+            assert pair.service("a").broker.problem() is None
+            await pair.check_ticks(75)
+        finally:
+            await pair.stop()
     since = rabbit.log_tail(1_000_000).splitlines()[logged:]
     timed_out = [line for line in since if "timed out" in line]
     assert not timed_out, timed_out
