@@ -119,7 +119,7 @@ async def test_every_op_and_its_reply_is_described(client: Client) -> None:
         assert messages[reply]["payload"]["properties"]["type"] == {"const": reply}
         refs = [m["$ref"] for m in document["operations"][op]["reply"]["messages"]]
         assert refs == [f"#/channels/socket/messages/{reply}", "#/channels/socket/messages/error"]
-    pushed = {"job", "message", "error"}
+    pushed = {"job", "message", "error", "queues"}
     replies = {op.reply for op in OPS_DESCRIBED.values()}
     assert set(messages) == set(OPS) | replies | pushed
     assert {"job:{id}", "topic:{pattern}"} <= {c["address"] for c in document["channels"].values()}
@@ -254,3 +254,38 @@ async def test_the_frames_of_a_session_are_valid_by_their_messages(client: Clien
         assert not invalid, (frame, invalid)
         described = set(messages[kind]["payload"]["properties"])
         assert set(frame) <= described, (frame, set(frame) - described)
+
+
+async def test_the_frames_of_jobs_star_and_queues_are_valid_by_their_messages(
+    client: Client,
+) -> None:
+    """`jobs:*` gets a job submitted over HTTP, every event of it with its channel, and `queues`
+    the report at once and again a tick later; each frame valid by its message, with no field
+    it does not describe."""
+    await wait_ready(client)
+    document = await fetch(client)
+    ws = await client.ws_connect("/v1/ws")
+    for channel in ("jobs:*", "queues"):
+        await ws.send_json({"op": "subscribe", "channel": channel})
+        assert await receive(ws) == {"type": "subscribed", "channel": channel}
+    frames = [await receive(ws)]  # the current report
+    assert frames[0]["type"] == "queues"
+    response = await client.post("/v1/jobs", json={"task": "add", "args": {"a": 2}})
+    job_id = (await response.json())["id"]
+    reports, succeeded = 1, False
+    async with asyncio.timeout(15):
+        while reports < 2 or not succeeded:
+            frames.append(await receive(ws))  # each waits at most 5 s: a tick is 2 s
+            reports += frames[-1]["type"] == "queues"
+            succeeded |= frames[-1].get("event") == "succeeded"
+    jobs = [frame for frame in frames if frame["type"] == "job"]
+    assert {frame["job"]["id"] for frame in jobs} == {job_id}
+    assert {frame["channel"] for frame in jobs} == {"jobs:*"}
+    assert [frame["event"] for frame in jobs][-1] == "succeeded"
+    await ws.close()
+    messages = document["components"]["messages"]
+    for frame in frames:
+        kind = frame["type"]
+        invalid = [e.message for e in payload_validator(document, kind).iter_errors(frame)]
+        assert not invalid, (frame, invalid)
+        assert set(frame) <= set(messages[kind]["payload"]["properties"]), frame

@@ -67,6 +67,8 @@ HTTP: dict[str, tuple[str, str, Any, tuple[int, ...]]] = {
     "openapi":       ("GET",    "/openapi.json",            None,  (200, 200, 200, 200, 200, 200, 200)),
     "asyncapi":      ("GET",    "/asyncapi.json",           None,  (200, 200, 200, 200, 200, 200, 200)),
     "metrics":       ("GET",    "/metrics",                 None,  (200, 200, 200, 200, 200, 200, 200)),
+    "dashboard":     ("GET",    "/dashboard",               None,  (200, 200, 200, 200, 200, 200, 200)),
+    "dashboard-js":  ("GET",    "/dashboard/app.js",        None,  (200, 200, 200, 200, 200, 200, 200)),
 }
 
 UNAUTH = ("unauthorized", "unauthorized", "token_expired")
@@ -75,6 +77,8 @@ WS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "subscribe-job":     ({"op": "subscribe", "channel": "job:{job}"},          (*UNAUTH, "not_found", "subscribed", "not_found", "subscribed")),
     "subscribe-orders":  ({"op": "subscribe", "channel": "topic:orders.#"},     (*UNAUTH, "forbidden", "subscribed", "subscribed", "forbidden")),
     "subscribe-all":     ({"op": "subscribe", "channel": "topic:#"},            (*UNAUTH, "forbidden", "forbidden",  "forbidden", "forbidden")),
+    "subscribe-jobs":    ({"op": "subscribe", "channel": "jobs:*"},             (*UNAUTH, "forbidden", "forbidden",  "forbidden", "subscribed")),
+    "subscribe-queues":  ({"op": "subscribe", "channel": "queues"},             (*UNAUTH, "forbidden", "forbidden",  "forbidden", "subscribed")),
     "subscribe-news":    ({"op": "subscribe", "channel": "topic:news.eu.*"},    (*UNAUTH, "subscribed", "forbidden", "forbidden", "forbidden")),
     "submit":            ({"op": "submit", "job": SUBMIT},                      (*UNAUTH, "forbidden", "submitted",  "submitted", "submitted")),
     "publish":           ({"op": "publish", "topic": "orders.eu", "data": 1},   (*UNAUTH, "forbidden", "published",  "published", "forbidden")),

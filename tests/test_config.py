@@ -300,7 +300,7 @@ def test_describe_covers_every_field_with_its_default() -> None:
                 default = list(f.default) if isinstance(f.default, tuple) else f.default
                 expected[key] = (env_name(key), default)  # a list as the config takes it
     assert rows == expected
-    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 2 + 7 + 4 + 13 + 1 + 1
+    assert "source" not in rows and len(rows) == 1 + 10 + 8 + 9 + 4 + 2 + 7 + 4 + 13 + 1 + 1 + 2
 
 
 def test_every_described_key_loads_from_its_env_var_default() -> None:

@@ -319,6 +319,17 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardSettings:
+    enabled: bool = _key(True, bool, "expected true or false", lambda _: True)
+    # Where the page is served: an absolute path of letters, digits and `-_.`, not under /v1/.
+    path: str = _pattern(
+        "/dashboard",
+        r"(?!/v1(?:/|$))(/[A-Za-z0-9_.-]+)+",
+        "expected a path like '/dashboard', not under /v1/",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     app: str | None = _pattern(None, r"[\w.]+:[\w.]+", "expected 'module:attribute'", optional=True)
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -331,6 +342,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     log: LogSettings = field(default_factory=LogSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    dashboard: DashboardSettings = field(default_factory=DashboardSettings)
     source: str | None = None  # the config.toml that was read; not a key
 
 

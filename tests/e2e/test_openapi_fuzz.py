@@ -139,6 +139,8 @@ async def test_schemathesis_finds_nothing(
         ("POST", "/v1/dead/purge"),
         ("GET", "/metrics"),
         ("GET", "/v1/schedules"),
+        ("GET", "/dashboard"),
+        ("GET", "/dashboard/"),
     }
     requested = {
         (entry["request"]["method"], _shape(entry["request"]["url"].removeprefix(server.url)))
@@ -346,4 +348,6 @@ def _shape(path: str) -> str:
         return "/v1/jobs/"
     if path.startswith("/v1/topics/"):
         return "/v1/topics/"
+    if path.startswith("/dashboard/"):
+        return "/dashboard/"
     return path

@@ -15,6 +15,7 @@ from aioqueue.tasks import Registry
 from aioqueue.web import handlers
 from aioqueue.web.asyncapi import asyncapi_json
 from aioqueue.web.browsers import HTTP, cors_middleware, host_middleware
+from aioqueue.web.dashboard import add_dashboard
 from aioqueue.web.metrics import HttpRequests, WebGauges, metrics
 from aioqueue.web.openapi import openapi_json
 from aioqueue.web.problems import problem_middleware
@@ -71,6 +72,8 @@ def install(
     web_app.router.add_get("/openapi.json", openapi_json)
     web_app.router.add_get("/asyncapi.json", asyncapi_json)
     web_app.router.add_get("/metrics", metrics)
+    if settings.dashboard.enabled:
+        add_dashboard(web_app.router, settings.dashboard.path)
     web_app.cleanup_ctx.append(_lifecycle)
     web_app.on_shutdown.append(_close_websockets)
     # Last, so that every route added above is counted as aioqueue's own.
@@ -90,7 +93,11 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     # broker is reached and the job store complete).
     starting = asyncio.create_task(service.start(), name="aioqueue-start")
     starting.add_done_callback(_report_start_failure)
+    pushing = asyncio.create_task(
+        state.hub.push_queues(lambda: state.queue_stats().report()), name="aioqueue-queues-push"
+    )
     yield
+    pushing.cancel()
     starting.cancel()
     with contextlib.suppress(BaseException):
         await starting

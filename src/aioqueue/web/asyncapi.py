@@ -32,7 +32,7 @@ Key = TypeVar("Key", bound=str)
 
 ASYNCAPI_VERSION = "3.0.0"
 #: What the job record and the frames refer to, of openapi.py's schemas.
-SHARED_SCHEMAS = ("Job", "JobStatus", "FieldError")
+SHARED_SCHEMAS = ("Job", "JobStatus", "FieldError", "Queue", "QueueList")
 SCHEMAS = "#/components/schemas/"
 
 DESCRIPTION = f"""\
@@ -85,9 +85,9 @@ OPS_DESCRIBED: dict[str, Op] = {
         fields={
             "channel": {
                 "type": "string",
-                "pattern": "^(job|topic):",
-                "description": "`job:ID` or `topic:PATTERN` (see the channels); subscribing"
-                " again to a channel starts it again",
+                "pattern": "^(job:|topic:|jobs:\\*$|queues$)",
+                "description": "`job:ID`, `topic:PATTERN`, `jobs:*` or `queues` (see the"
+                " channels); subscribing again to a channel starts it again",
             },
             "since": {
                 "type": "integer",
@@ -99,7 +99,8 @@ OPS_DESCRIBED: dict[str, Op] = {
         },
         required=("channel",),
         reply="subscribed",
-        reply_summary="Subscribed; on a job channel, its `snapshot` follows",
+        reply_summary="Subscribed; on a job channel, its `snapshot` follows; on `queues`, the"
+        " current report",
         reply_fields={
             "channel": {"type": "string"},
             "since": {
@@ -216,9 +217,26 @@ def _messages() -> dict[str, Any]:
             ["type", "channel", "event", "job"],
             {
                 "type": {"const": "job"},
-                "channel": {"type": "string", "pattern": "^job:", "description": "`job:ID`"},
+                "channel": {
+                    "type": "string",
+                    "pattern": "^(job:|jobs:\\*$)",
+                    "description": "`job:ID`, or `jobs:*` for every job's",
+                },
                 "event": _described(JOB_EVENTS),
                 "job": _JOB,
+            },
+        ),
+    )
+    messages["queues"] = _message(
+        "queues",
+        "The queues' report, as `GET /v1/queues` answers it",
+        _object(
+            ["type", "channel", "queues", "dead_letter_queue"],
+            {
+                "type": {"const": "queues"},
+                "channel": {"const": "queues"},
+                "queues": {"$ref": SCHEMAS + "QueueList/properties/queues"},
+                "dead_letter_queue": {"$ref": SCHEMAS + "QueueList/properties/dead_letter_queue"},
             },
         ),
     )
@@ -298,6 +316,23 @@ def _channels() -> dict[str, Any]:
             "parameters": {"id": {"description": "the job's id, as its submit answered it"}},
             "messages": _refs("messages", ["job"]),
         },
+        "allJobs": {
+            "address": "jobs:*",
+            "title": "Every job's events",
+            "description": "Subscribed to with `subscribe`; with auth on, only by a principal"
+            " with `jobs:admin` (else an error `forbidden`). No snapshot: list the jobs"
+            " (`GET /v1/jobs`) once subscribed, and apply the events that came meanwhile after"
+            " the list. Progress coalesces per job for a slow reader.",
+            "messages": _refs("messages", ["job"]),
+        },
+        "queues": {
+            "address": "queues",
+            "title": "The queues' report, every 2 s",
+            "description": "Subscribed to with `subscribe` (with auth on, by `jobs:admin` only):"
+            " the report of `GET /v1/queues` at once, then every 2 s, made once for all the"
+            " subscribers; a slow reader gets only the newest. None while the broker is away.",
+            "messages": _refs("messages", ["queues"]),
+        },
         "topic": {
             "address": "topic:{pattern}",
             "title": "The messages of the topics a pattern matches",
@@ -335,6 +370,18 @@ def _operations() -> dict[str, Any]:
         "channel": {"$ref": "#/channels/job"},
         "summary": "A subscribed job's snapshot and events",
         "messages": _in("job", "job"),
+    }
+    operations["allJobEvents"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/allJobs"},
+        "summary": "Every job's events, for `jobs:admin`",
+        "messages": _in("allJobs", "job"),
+    }
+    operations["queueReports"] = {
+        "action": "send",
+        "channel": {"$ref": "#/channels/queues"},
+        "summary": "The queues' report, every 2 s",
+        "messages": _in("queues", "queues"),
     }
     operations["topicMessages"] = {
         "action": "send",

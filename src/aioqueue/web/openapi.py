@@ -850,10 +850,60 @@ def _operations_paths() -> dict[str, Any]:
     }
 
 
+def _dashboard_paths(path: str) -> dict[str, Any]:
+    """The dashboard's page and files (`[dashboard]`): open to anyone, whatever the auth mode,
+    since they hold no secret; the API calls the page makes are checked as any others."""
+    unchanged = {"description": "unchanged since the `ETag` sent in `If-None-Match`"}
+    return {
+        path: {
+            "get": {
+                "operationId": "dashboard",
+                "summary": "The dashboard: one page, live over the websocket (see the README)",
+                "responses": {
+                    "200": {
+                        "description": "the page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    "304": unchanged,
+                    **_errors(400),
+                },
+            }
+        },
+        path + "/{asset}": {
+            "get": {
+                "operationId": "dashboardAsset",
+                "summary": "The dashboard's script or style sheet",
+                "parameters": [
+                    {
+                        "name": "asset",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "the file",
+                        "content": {
+                            "text/javascript": {"schema": {"type": "string"}},
+                            "text/css": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "304": unchanged,
+                    "404": _problem("no such file in the dashboard"),
+                    **_errors(400),
+                },
+            }
+        },
+    }
+
+
 def document(request: web.Request) -> dict[str, Any]:
     """The OpenAPI description of the app that serves `request`."""
     state = request.app[STATE]
     paths = _paths(submit_body(state))
+    if state.settings.dashboard.enabled:
+        paths |= _dashboard_paths(state.settings.dashboard.path)
     components: dict[str, Any] = {"schemas": schemas()}
     if state.authenticator is not None:
         _secure(paths)

@@ -9,6 +9,7 @@ frame.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -38,7 +39,7 @@ from aioqueue.errors import (
 from aioqueue.topics import check_pattern, check_topic
 from aioqueue.web.browsers import normal_origins
 from aioqueue.web.connection import CLOSE_SLOW, CLOSE_TIMEOUT, Connection
-from aioqueue.web.hub import job_frame
+from aioqueue.web.hub import ALL_JOBS, QUEUES, job_frame, queues_frame
 from aioqueue.web.problems import problem, render
 from aioqueue.web.protocol import SNAPSHOT, ErrorCode
 from aioqueue.web.state import STATE, State
@@ -292,10 +293,16 @@ def _error(code: ErrorCode, message: str, **extra: Any) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message, **extra}
 
 
+#: The channels that are neither a job's nor a topic pattern (hub.py's), each for jobs:admin.
+ADMIN_CHANNELS = frozenset({ALL_JOBS, QUEUES})
+
+
 def _channel(frame: dict[str, Any]) -> str:
     channel = frame.get("channel")
     if not isinstance(channel, str) or not channel:
         raise FrameError("bad_frame", "'channel' must be a string like 'job:ID' or 'topic:PATTERN'")
+    if channel in ADMIN_CHANNELS:
+        return channel
     if channel.startswith("topic:"):
         try:
             check_pattern(channel[6:], field="channel")
@@ -303,7 +310,9 @@ def _channel(frame: dict[str, Any]) -> str:
             raise FrameError("bad_frame", exc.detail) from None
     elif not channel.startswith("job:"):
         raise FrameError(
-            "bad_frame", f"unknown channel {channel[:100]!r}; use 'job:ID' or 'topic:PATTERN'"
+            "bad_frame",
+            f"unknown channel {channel[:100]!r}; use 'job:ID', 'topic:PATTERN', 'jobs:*' or"
+            " 'queues'",
         )
     return channel
 
@@ -313,7 +322,7 @@ def _since(frame: dict[str, Any], channel: str) -> int | None:
     if since is None:
         return None
     if not channel.startswith("topic:"):
-        raise FrameError("bad_frame", "'since' is for topic channels; a job channel has snapshots")
+        raise FrameError("bad_frame", "'since' is for topic channels; the others have none")
     if isinstance(since, bool) or not isinstance(since, int) or since < -1:
         raise FrameError("bad_frame", "'since' must be an offset: an integer >= -1")
     return since
@@ -323,8 +332,23 @@ async def _subscribe(state: State, conn: Connection, frame: dict[str, Any]) -> l
     channel = _channel(frame)
     since = _since(frame, channel)
     who = _principal(conn)
+    if channel in ADMIN_CHANNELS:
+        who.check_admin(f"the channel {channel!r}")  # every job's: before any other check
     if channel not in conn.subscriptions:
         _check_room(state, conn, who)
+    if channel == ALL_JOBS:
+        # No snapshot: a client lists the jobs (GET /v1/jobs) once subscribed, and applies the
+        # events that came meanwhile after the list.
+        state.hub.subscribe(conn, channel)
+        return [{"type": "subscribed", "channel": channel}]
+    if channel == QUEUES:
+        state.hub.subscribe(conn, channel)
+        replies: list[Any] = [{"type": "subscribed", "channel": channel}]
+        # The current report at once, not in up to QUEUES_INTERVAL seconds; without the
+        # broker, the next tick sends one.
+        with contextlib.suppress(BrokerUnavailable, NotReady):
+            replies.append(queues_frame(await state.queue_stats().report()))
+        return replies
     if channel.startswith("topic:"):
         who.check_subscribe(channel[6:])
         topics = state.topics()
