@@ -125,3 +125,29 @@ def make_job(job_id: str) -> Job:
     return Job(
         id=job_id, task="t", queue="default", args={}, max_attempts=1, timeout=1, created_at=0
     )
+
+
+async def test_jobs_star_takes_no_since_and_stops_on_unsubscribe(aiohttp_client: Factory) -> None:
+    client = await served(aiohttp_client)
+    ws = await client.ws_connect("/v1/ws")
+    await ws.send_json({"op": "subscribe", "channel": "jobs:*", "since": 0})
+    refused = await ws.receive_json(timeout=5)
+    assert (refused["type"], refused["code"]) == ("error", "bad_frame")
+    await ws.send_json({"op": "subscribe", "channel": "jobs:*"})
+    assert await ws.receive_json(timeout=5) == {"type": "subscribed", "channel": "jobs:*"}
+    response = await client.post("/v1/jobs", json={"task": "echo", "args": {"value": 1}})
+    job_id = (await response.json())["id"]
+    frame = await ws.receive_json(timeout=5)
+    assert (frame["channel"], frame["job"]["id"]) == ("jobs:*", job_id)
+    await ws.send_json({"op": "unsubscribe", "channel": "jobs:*"})
+    # Events of the job may still come before the reply; none after it.
+    while (frame := await ws.receive_json(timeout=5))["type"] == "job":
+        pass
+    assert frame == {"type": "unsubscribed", "channel": "jobs:*"}
+    second = await client.post("/v1/jobs", json={"task": "echo", "args": {"value": 2}})
+    # Once it finished, its every event was handed to the hub: a frame would precede the pong.
+    done = await client.get(f"/v1/jobs/{(await second.json())['id']}", params={"wait": "5"})
+    assert (await done.json())["status"] == "succeeded"
+    await ws.send_json({"op": "ping"})
+    assert await ws.receive_json(timeout=5) == {"type": "pong"}  # and no job frame before it
+    await ws.close()

@@ -100,6 +100,8 @@ async def _lifecycle(web_app: web.Application) -> AsyncIterator[None]:
     pushing.cancel()
     starting.cancel()
     with contextlib.suppress(BaseException):
+        await pushing
+    with contextlib.suppress(BaseException):
         await starting
     await service.close()
     state.threads_left = service.runner.busy_threads
