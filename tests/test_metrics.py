@@ -57,6 +57,7 @@ FAMILIES = {
     "aioqueue_job_wait_seconds": "histogram",
     "aioqueue_queue_depth": "gauge",
     "aioqueue_queue_consumers": "gauge",
+    "aioqueue_dead_letter_queue_messages": "gauge",
     "aioqueue_stuck_threads": "gauge",
     "aioqueue_broker_connected": "gauge",
     "aioqueue_broker_reconnects": "counter",
@@ -288,6 +289,8 @@ async def test_a_failing_job_moves_retries_failed_and_dead_lettered(
     dead_lettered = {"task": "broken", "reason": "failed"}
     assert value(after, "aioqueue_jobs_dead_lettered_total", **dead_lettered) == 1
     assert value(after, "aioqueue_jobs_finished_total", task="broken", status="succeeded") == 0
+    # The dead-letter queue holds its message (RabbitMQ counts it once it is routed there).
+    await settled(client, lambda s: value(s, "aioqueue_dead_letter_queue_messages") == 1)
 
 
 @pytest.mark.timeout(60)

@@ -54,6 +54,8 @@ class ServiceGauges(Collector):
     def __init__(self, service: Observed) -> None:
         self._service = service
         self._inspection: Inspection | None = None
+        #: Messages in the dead-letter queue, as the broker last counted them.
+        self._dead_letters: int | None = None
         self._inspected_at = -MAX_AGE
         self._inspecting: asyncio.Task[None] | None = None
 
@@ -67,14 +69,16 @@ class ServiceGauges(Collector):
         await asyncio.shield(self._inspecting)
 
     async def _inspect(self) -> None:
+        broker = self._service.broker
         try:
-            self._inspection = await self._service.broker.inspect()
+            self._inspection = await broker.inspect()
+            self._dead_letters = await broker.dead_letter_count()
         except BrokerUnavailable as exc:
             logger.debug("metrics: the broker could not be inspected: %s", exc)
-            self._inspection = None
+            self._inspection = self._dead_letters = None
         except Exception:  # a bug: the scrape goes on without the broker's figures
             logger.exception("metrics: inspecting the broker failed")
-            self._inspection = None
+            self._inspection = self._dead_letters = None
         finally:
             # A failure is remembered as long as an answer: a broker that is away is not asked
             # again by every scrape.
@@ -107,6 +111,14 @@ class ServiceGauges(Collector):
             consumers.add_metric([band.queue, band.band], band.consumers)
         yield depth
         yield consumers
+        dead = GaugeMetricFamily(
+            "aioqueue_dead_letter_queue_messages",
+            "Messages in the dead-letter queue (every process's), bounded by [dead] max_length"
+            " and max_age_seconds",
+        )
+        if read and self._dead_letters is not None:
+            dead.add_metric([], self._dead_letters)
+        yield dead
         stuck = GaugeMetricFamily(
             "aioqueue_stuck_threads",
             "Sync tasks' threads still running after their attempt ended, each holding a slot of"
