@@ -12,6 +12,7 @@ const LIST_LIMIT = 200; // jobs kept and shown, newest first
 const CHART_POINTS = 150; // 5 minutes of 2 s reports
 const BACKOFF_MIN = 500;
 const BACKOFF_MAX = 5000;
+const RESYNC_RETRY_MS = 500; // a list refused while the service starts is asked for again
 const TOKEN_KEY = "aioqueue.token"; // sessionStorage: gone when the tab closes
 
 const $ = (id) => document.getElementById(id);
@@ -130,7 +131,7 @@ function onFrame(socket, frame) {
       subscribe(socket);
       break;
     case "subscribed":
-      if (frame.channel === "jobs:*") resync();
+      if (frame.channel === "jobs:*") resync(socket);
       break;
     case "job":
       if (state.syncing) state.pending.push(frame.job);
@@ -152,18 +153,33 @@ function onFrame(socket, frame) {
 }
 
 // The list after (re)subscribing: the server's, then the events that came while it loaded.
-async function resync() {
+async function resync(socket) {
   const result = await api("GET", `/v1/jobs?limit=${LIST_LIMIT}`);
+  if (state.socket !== socket) return; // that connection is gone: its successor resyncs
+  if (result.status === 503) {
+    // Starting (its job store not read to the end yet) or stopping: ask again shortly.
+    setStatus("waiting for the service: " + problemText(result), "down");
+    setTimeout(() => resync(socket), RESYNC_RETRY_MS);
+    return;
+  }
   if (result.status !== 200) {
     setStatus("could not list the jobs: " + problemText(result), "down");
     return;
   }
+  setStatus("connected", "live");
   state.jobs = new Map();
   for (const job of result.body.jobs) state.jobs.set(job.id, job);
   state.syncing = false;
   for (const job of state.pending) upsert(job, false);
   state.pending = [];
   render();
+}
+
+// A record in an HTTP answer (a submit, a cancel, a retry) may be older than the events the
+// websocket brought meanwhile (a fast job has finished before its 202 is read): it is shown only
+// for a job the page does not know yet, and the events, in their order, say the rest.
+function learn(job) {
+  if (!state.jobs.has(job.id)) upsert(job);
 }
 
 function upsert(job, draw = true) {
@@ -282,7 +298,7 @@ async function act(method, suffix) {
   if (!id) return;
   const result = await api(method, `/v1/jobs/${encodeURIComponent(id)}${suffix}`);
   $("action-result").textContent = result.status === 202 ? `${result.status}: ${result.body.status}` : problemText(result);
-  if (result.status === 202) upsert(result.body);
+  if (result.status === 202) learn(result.body);
 }
 
 $("cancel").addEventListener("click", () => act("DELETE", ""));
@@ -460,7 +476,7 @@ $("submit-form").addEventListener("submit", async (event) => {
   const result = await api("POST", "/v1/jobs", { task: $("submit-task").value, args });
   if (result.status === 202 || result.status === 200) {
     $("submit-result").textContent = "submitted " + result.body.id;
-    upsert(result.body);
+    learn(result.body);
   } else {
     const unplaced = showFieldErrors((result.body && result.body.errors) || []);
     $("submit-result").textContent = [problemText(result), ...unplaced].join("; ");
