@@ -244,6 +244,11 @@ async def _serve(settings: Settings) -> int:
         shutdown_timeout=1.0,
         keepalive_timeout=settings.http.keepalive_timeout,
     )
+    # Before listening: a SIGTERM as soon as the port answers must stop it cleanly, not kill it.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await runner.setup()
     assert runner.server is not None
     # Not web.TCPSite, which listens with aiohttp's protocol factory itself: the guard wraps
@@ -257,28 +262,26 @@ async def _serve(settings: Settings) -> int:
         guard, settings.http.host, settings.http.port, backlog=128
     )
     host, port = listener.sockets[0].getsockname()[:2]
-    print(f"aioqueue serving {settings.app} on http://{host}:{port}", flush=True)
-    print(
-        f"  broker: {redact(settings.broker.url)}; tasks: {', '.join(sorted(app.tasks))}",
-        flush=True,
-    )
+    # The warnings before the line that says it serves (what a supervisor, or a test, waits
+    # for), so that whoever reads up to that line has read them.
     if settings.auth.mode == "none" and not is_loopback(settings.http.host):
         print(
-            f"  WARNING: auth is off ([auth] mode = 'none') and {settings.http.host} is not a"
+            f"WARNING: auth is off ([auth] mode = 'none') and {settings.http.host} is not a"
             " loopback address: anyone who reaches the port can submit, read and cancel every"
             " job. Set [auth] mode = 'token' or 'jwt'.",
             flush=True,
         )
     if settings.broker.url.startswith("memory:"):
         print(
-            "  WARNING: memory:// is the embedded broker: one process, and NOTHING survives a"
+            "WARNING: memory:// is the embedded broker: one process, and NOTHING survives a"
             " restart. Use amqp:// (RabbitMQ) for anything real.",
             flush=True,
         )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"aioqueue serving {settings.app} on http://{host}:{port}\n"
+        f"  broker: {redact(settings.broker.url)}; tasks: {', '.join(sorted(app.tasks))}",
+        flush=True,
+    )
     await stop.wait()
     # A supervisor may send SIGTERM again while we drain: the shutdown is under way, so ignore it
     # (the event loop would otherwise restore the default action on its way out, and die by it).
