@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from aioqueue import App, Context, Settings
 from aioqueue.config import BrokerSettings, DeadSettings, JobsSettings, StoreSettings
 from aioqueue.events import JobSpec
-from aioqueue.jobs import DEAD_LETTERS, Job, rfc3339
+from aioqueue.jobs import Job, rfc3339
 from aioqueue.queues import WINDOW, Rates
 from aioqueue.service import Service
 from aioqueue.web.app import create_app
@@ -572,12 +572,7 @@ def test_a_filter_matches_what_the_store_selects() -> None:
         DeadFilter(task="b", error_type="F", before=40.5),
         DeadFilter(all=True),
     ]:
-        selected = {
-            job_id
-            for _, job_id in store.dead_letters(
-                -1, store.next_seq, 100, flt.task, flt.error_type, flt.before
-            )
-        }
-        matched = {f"j{n}" for n in range(4) if flt.matches(store.get(f"j{n}"))}  # type: ignore[arg-type]
+        selected = {job_id for _, job_id in store.oldest_first(flt.jobs, -1, store.next_seq, 100)}
+        matched = {job.id for job in store.list(limit=100)[0] if flt.jobs.matches(job)}
         assert selected == matched and selected, flt
-        assert store.count(DEAD_LETTERS, flt.task, flt.error_type, flt.before) == len(selected)
+        assert store.count(flt.jobs) == len(selected)

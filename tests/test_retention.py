@@ -14,6 +14,7 @@ import pytest
 
 from aioqueue import Context
 from aioqueue.jobs import JobStatus
+from aioqueue.store import JobFilter
 from tests.test_service import dead_letter_ids, make_app, make_service, until_terminal
 
 __all__ = ["make_service"]  # a fixture, used by name
@@ -62,7 +63,7 @@ async def test_a_job_waiting_longer_than_result_ttl_is_kept_until_it_ends(
     await asyncio.sleep(1.5)
     service.store.expire()
     assert service.store.get(behind.id).status is JobStatus.QUEUED
-    page, _ = service.store.list(statuses={JobStatus.QUEUED})
+    page, _ = service.store.list(JobFilter({JobStatus.QUEUED}))
     assert {j.id for j in page} == {waiting.id, behind.id}
     release.set()
     assert (await until_terminal(service, behind.id)).status is JobStatus.SUCCEEDED

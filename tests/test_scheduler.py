@@ -23,6 +23,7 @@ from aioqueue.errors import BrokerUnavailable
 from aioqueue.jobs import Job
 from aioqueue.periodic import Every, Periodic, parse_tick, tick_key
 from aioqueue.scheduler import Scheduler
+from aioqueue.store import JobFilter
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 from tests.support import eventually
@@ -265,8 +266,8 @@ async def test_served_ticks_submit_jobs_with_their_keys_and_the_jobs_run(
     client = await serve(aiohttp_client, make_app(every=0.2))
     service = client.app[STATE].service
     assert service is not None
-    await eventually(lambda: len(service.jobs.list(task="beat")[0]) >= 4, 5)
-    jobs = service.jobs.list(task="beat")[0][::-1]
+    await eventually(lambda: len(service.jobs.list(JobFilter(task="beat"))[0]) >= 4, 5)
+    jobs = service.jobs.list(JobFilter(task="beat"))[0][::-1]
     ticks = [parse_tick(str(job.idempotency_key).removeprefix("periodic:beat:")) for job in jobs]
     assert None not in ticks
     assert consecutive(ticks, 200), ticks  # type: ignore[arg-type]
@@ -279,7 +280,7 @@ async def test_served_ticks_submit_jobs_with_their_keys_and_the_jobs_run(
     response = await client.get("/v1/schedules")
     assert response.status == 200
     (schedule,) = (await response.json())["schedules"]
-    last = service.jobs.list(task="beat")[0][0]
+    last = service.jobs.list(JobFilter(task="beat"))[0][0]
     assert schedule["task"] == "beat" and schedule["every"] == 0.2 and "cron" not in schedule
     assert schedule["leader"] is True
     assert (schedule["catch_up"], schedule["grace"]) == ("once", 60.0)
@@ -364,6 +365,6 @@ async def test_a_stopping_process_gives_up_the_lead(
     assert service.scheduler.leading
     await service.shutdown(0.1)
     assert not service.scheduler.leading
-    count = len(service.jobs.list(task="beat", limit=1000)[0])
+    count = len(service.jobs.list(JobFilter(task="beat"), 1000)[0])
     await asyncio.sleep(0.3)
-    assert len(service.jobs.list(task="beat", limit=1000)[0]) == count
+    assert len(service.jobs.list(JobFilter(task="beat"), 1000)[0]) == count

@@ -13,7 +13,7 @@ import pytest
 from aioqueue.errors import InvalidRequest
 from aioqueue.events import Failed, JobSpec, Purged, Rejected, Retried, Started, Succeeded
 from aioqueue.jobs import Job, JobStatus
-from aioqueue.store import JobStore
+from aioqueue.store import JobFilter, JobStore
 
 
 class Clock:
@@ -63,9 +63,9 @@ def test_filters_combine() -> None:
         store.create(spec(n))
     finish(store, 2, 1010.0)
     finish(store, 3, 1010.0)
-    page, _ = store.list(statuses={JobStatus.SUCCEEDED}, task="even")
+    page, _ = store.list(JobFilter({JobStatus.SUCCEEDED}, "even"))
     assert [j.id for j in page] == ["job2"]
-    page, _ = store.list(statuses={JobStatus.QUEUED, JobStatus.SUCCEEDED}, task="odd")
+    page, _ = store.list(JobFilter({JobStatus.QUEUED, JobStatus.SUCCEEDED}, "odd"))
     assert [j.id for j in page] == ["job5", "job3", "job1"]
 
 
@@ -156,11 +156,11 @@ def test_a_store_of_schema_1_is_migrated_in_place_not_rebuilt(tmp_path: Path) ->
     found = store.for_key("k1", None)
     assert found is not None and found.id == "a" and found.owner is None
     assert store.for_key("k1", "alice") is None
-    assert [job.id for job in store.list(owner=None)[0]] == ["b", "a"]
-    assert store.list(owner="alice")[0] == []
+    assert [job.id for job in store.list(JobFilter(owner=None))[0]] == ["b", "a"]
+    assert store.list(JobFilter(owner="alice"))[0] == []
     store.create(named("c").replace(owner="alice", idempotency_key="k1"))
     store.write()
-    assert [job.id for job in store.list(owner="alice")[0]] == ["c"]
+    assert [job.id for job in store.list(JobFilter(owner="alice"))[0]] == ["c"]
     store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
 
@@ -202,7 +202,12 @@ def test_listings_filter_by_error_type_and_finish_time_within_an_owner() -> None
     fail(store, 3, "ValueError", 1030.0)
 
     def ids(**filters: Any) -> list[str]:
-        return [job.id for job in store.list(**filters)[0]]
+        where = JobFilter(**filters)
+        found = [job.id for job in store.list(where)[0]]
+        # The filter's own test agrees with the store's query, and so does the count.
+        assert found == [job.id for job in store.list()[0] if where.matches(job)]
+        assert store.count(where) == len(found)
+        return found
 
     assert ids(error_type="ValueError") == ["job3", "job0"]
     assert ids(error_type="ValueError", owner="alice") == ["job0"]
@@ -255,7 +260,7 @@ def test_a_store_of_schema_2_is_migrated_in_place_with_queues_and_error_types(
     old.close()
 
     store = JobStore(60, path)
-    assert [job.id for job in store.list(error_type="KeyError")[0]] == ["a"]
+    assert [job.id for job in store.list(JobFilter(error_type="KeyError"))[0]] == ["a"]
     assert store.by_queue((JobStatus.FAILED,)) == {("slow", JobStatus.FAILED): 1}
     assert {q: job.id for q, job in store.oldest_queued(["default"]).items()} == {"default": "b"}
     store.close()

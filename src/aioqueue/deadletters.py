@@ -38,9 +38,9 @@ from aioqueue.errors import (
 )
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Purged
-from aioqueue.jobs import DEAD_LETTERS, Job
+from aioqueue.jobs import DEAD_LETTERS
 from aioqueue.producer import Jobs
-from aioqueue.store import JobStore
+from aioqueue.store import JobFilter, JobStore
 from aioqueue.submission import RFC3339_EXPECTED, parse_time
 
 logger = logging.getLogger(__name__)
@@ -70,14 +70,10 @@ class DeadFilter:
     def everything(self) -> bool:
         return self.task is None and self.error_type is None and self.before is None
 
-    def matches(self, job: Job) -> bool:
-        error = job.error or {}
-        return (
-            job.status in DEAD_LETTERS
-            and (self.task is None or job.task == self.task)
-            and (self.error_type is None or error.get("type") == self.error_type)
-            and (self.before is None or (job.finished_at or 0.0) < self.before)
-        )
+    @property
+    def jobs(self) -> JobFilter:
+        """The dead letters it takes, as the store filters them."""
+        return JobFilter(DEAD_LETTERS, self.task, None, self.error_type, None, self.before)
 
     def describe(self) -> str:
         named = [f"{key}={value}" for key, value in self._fields().items() if value is not None]
@@ -141,15 +137,13 @@ class DeadLetters:
     def count(self, flt: DeadFilter) -> int:
         """How many dead letters match."""
         self._check_open(False)
-        return self._store.count(DEAD_LETTERS, flt.task, flt.error_type, flt.before)
+        return self._store.count(flt.jobs)
 
     def _chunks(self, flt: DeadFilter) -> Iterator[list[str]]:
         """Chunks of the ids of the dead letters that match, oldest first, of the jobs known
         now: a job created later (or one retried here that fails again) is not taken."""
         after, before = -1, self._store.next_seq
-        while chunk := self._store.dead_letters(
-            after, before, CHUNK, flt.task, flt.error_type, flt.before
-        ):
+        while chunk := self._store.oldest_first(flt.jobs, after, before, CHUNK):
             after = chunk[-1][0]
             yield [job_id for _, job_id in chunk]
 
@@ -208,7 +202,7 @@ class DeadLetters:
                 removed = await self._broker.drop_dead_letters(self._of_matching_job(flt))
             purged = 0
             for ids in self._chunks(flt):
-                jobs = [job for job in map(self._store.get, ids) if job and flt.matches(job)]
+                jobs = [job for job in map(self._store.get, ids) if job and flt.jobs.matches(job)]
                 if jobs:  # (an append of nothing would be a barrier)
                     await self._log.append(*(Purged(job.id, job.run) for job in jobs))
                 purged += sum(self._store.get(job.id) is None for job in jobs)
@@ -227,6 +221,6 @@ class DeadLetters:
             except (orjson.JSONDecodeError, AttributeError):
                 return False  # not a job's message: kept for an operator to read
             job = self._store.get(job_id) if isinstance(job_id, str) else None
-            return job is not None and flt.matches(job)
+            return job is not None and flt.jobs.matches(job)
 
         return drop

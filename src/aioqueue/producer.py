@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from aioqueue.broker.base import Broker
@@ -17,9 +17,9 @@ from aioqueue.config import Settings
 from aioqueue.errors import Conflict, NotFound, StoreFull
 from aioqueue.eventlog import EventLog
 from aioqueue.events import Cancelled, JobSpec, Retried
-from aioqueue.jobs import RETRYABLE, Job, JobStatus
+from aioqueue.jobs import RETRYABLE, Job
 from aioqueue.metrics import Metrics
-from aioqueue.store import ChangeListener, JobStore, scoped_key
+from aioqueue.store import EVERY_JOB, ChangeListener, JobFilter, JobStore, scoped_key
 from aioqueue.submission import build_spec
 from aioqueue.tasks import Registry
 
@@ -63,42 +63,18 @@ class Jobs:
         return job
 
     def list(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        owner: str | None = None,
+        self, where: JobFilter = EVERY_JOB, limit: int = 50, cursor: str | None = None
     ) -> tuple[list[Job], str | None]:
-        """A page of jobs, newest first; only `owner`'s unless it is None."""
+        """A page of the jobs `where` takes, newest first (`JobStore.list`)."""
         self._check_open(False)
-        return self._store.list(statuses, task, limit, cursor, owner)
+        return self._store.list(where, limit, cursor)
 
     def page(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        owner: str | None = None,
-        *,
-        error_type: str | None = None,
-        finished_after: float | None = None,
-        finished_before: float | None = None,
+        self, where: JobFilter = EVERY_JOB, limit: int = 50, cursor: str | None = None
     ) -> Generator[tuple[Job, str | None], None, None]:
-        """As `list`, one job at a time, each with the cursor after it (`JobStore.page`, whose
-        filters these are)."""
+        """As `list`, one job at a time, each with the cursor after it (`JobStore.page`)."""
         self._check_open(False)
-        return self._store.page(
-            statuses,
-            task,
-            limit,
-            cursor,
-            owner,
-            error_type=error_type,
-            finished_after=finished_after,
-            finished_before=finished_before,
-        )
+        return self._store.page(where, limit, cursor)
 
     async def wait_terminal(self, job_id: str, within: float) -> Job:
         """The job once it is terminal, or as it is after `within` seconds; NotFound if unknown

@@ -30,6 +30,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Generator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -89,6 +90,63 @@ PAGE_CACHE_KIB = 16 * 1024
 LOW_WATER = 0.9
 #: The default `max_bytes` (`store.max_bytes`).
 MAX_BYTES = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class JobFilter:
+    """Which jobs a listing, a count or a bulk change takes: each field that is set must match."""
+
+    statuses: Collection[JobStatus] = ()
+    task: str | None = None
+    #: Only this principal's jobs (None: everyone's).
+    owner: str | None = None
+    #: The type of the job's error.
+    error_type: str | None = None
+    #: When the job finished: `finished_after` <= finished_at < `finished_before`.
+    finished_after: float | None = None
+    finished_before: float | None = None
+
+    def matches(self, job: Job) -> bool:
+        """Whether the job is one the filter takes (as the store's query would find it)."""
+        finished = job.finished_at
+        return (
+            (not self.statuses or job.status in self.statuses)
+            and (self.task is None or job.task == self.task)
+            and (self.owner is None or job.owner == self.owner)
+            and (self.error_type is None or (job.error or {}).get("type") == self.error_type)
+            and (
+                self.finished_after is None
+                or (finished is not None and finished >= self.finished_after)
+            )
+            and (
+                self.finished_before is None
+                or (finished is not None and finished < self.finished_before)
+            )
+        )
+
+    def where(self, before_seq: int) -> tuple[str, list[Any]]:
+        """The WHERE clause (and its parameters) of the jobs it takes created before
+        `before_seq`."""
+        where: list[str] = ["seq < ?"]
+        params: list[Any] = [before_seq]
+        for clause, value in (
+            ("owner = ?", self.owner),
+            ("task = ?", self.task),
+            ("error_type = ?", self.error_type),
+            ("finished_at >= ?", self.finished_after),
+            ("finished_at < ?", self.finished_before),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if self.statuses:
+            where.append(f"status IN ({', '.join('?' * len(self.statuses))})")
+            params += [status.value for status in self.statuses]
+        return " AND ".join(where), params
+
+
+#: The filter that takes every job.
+EVERY_JOB = JobFilter()
 
 
 class JobStore:
@@ -231,62 +289,30 @@ class JobStore:
         return found is not None
 
     def list(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        owner: str | None = None,
-        *,
-        error_type: str | None = None,
-        finished_after: float | None = None,
-        finished_before: float | None = None,
+        self, where: JobFilter = EVERY_JOB, limit: int = 50, cursor: str | None = None
     ) -> tuple[list[Job], str | None]:
-        """Jobs newest first, filtered (as `page`); returns the page and the cursor of the next
-        one."""
+        """Jobs newest first (as `page`); returns the page and the cursor of the next one."""
         jobs: list[Job] = []
         following: str | None = None
-        page = self.page(
-            statuses,
-            task,
-            limit,
-            cursor,
-            owner,
-            error_type=error_type,
-            finished_after=finished_after,
-            finished_before=finished_before,
-        )
-        with contextlib.closing(page):
+        with contextlib.closing(self.page(where, limit, cursor)) as page:
             for job, after in page:
                 jobs.append(job)
                 following = after
         return jobs, following
 
     def page(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-        owner: str | None = None,
-        *,
-        error_type: str | None = None,
-        finished_after: float | None = None,
-        finished_before: float | None = None,
+        self, where: JobFilter = EVERY_JOB, limit: int = 50, cursor: str | None = None
     ) -> Generator[tuple[Job, str | None], None, None]:
-        """Up to `limit` jobs newest first, filtered (by `owner` too, unless None; by the type
-        of their error; by when they finished, `finished_after` <= finished_at <
-        `finished_before`), each with the cursor of the page that follows it (None after the
-        last job there is). Each job is read and decoded as the iterator reaches it, so a caller
-        that stops early never holds the rest: iterate without awaiting, and close the iterator
-        when done. Raises InvalidRequest at once for a bad cursor."""
+        """Up to `limit` jobs that `where` takes, newest first, each with the cursor of the page
+        that follows it (None after the last job there is). Each job is read and decoded as the
+        iterator reaches it, so a caller that stops early never holds the rest: iterate without
+        awaiting, and close the iterator when done. Raises InvalidRequest at once for a bad
+        cursor."""
         self.write()
         before = _decode(cursor) if cursor is not None else self._next_seq
-        where, params = _filters(
-            statuses, task, owner, error_type, finished_after, finished_before, before
-        )
-        query = f"FROM jobs WHERE {where} ORDER BY seq DESC LIMIT ?"
-        if len(statuses) > 1:
+        clause, params = where.where(before)
+        query = f"FROM jobs WHERE {clause} ORDER BY seq DESC LIMIT ?"
+        if len(where.statuses) > 1:
             # SQLite sorts the rows of several statuses in a temporary B-tree, which would
             # hold every state of the page at once: the ids first, then each state on its own.
             ids = self._db.execute(f"SELECT seq, id {query}", (*params, limit + 1)).fetchall()
@@ -328,38 +354,22 @@ class JobStore:
         """The creation sequence number the next job gets: a bound of the jobs known now."""
         return self._next_seq
 
-    def dead_letters(
-        self,
-        after_seq: int,
-        before_seq: int,
-        limit: int,
-        task: str | None = None,
-        error_type: str | None = None,
-        finished_before: float | None = None,
+    def oldest_first(
+        self, where: JobFilter, after_seq: int, before_seq: int, limit: int
     ) -> Sequence[tuple[int, str]]:
-        """(seq, id) of up to `limit` failed and dead jobs that match, oldest first, created
-        after `after_seq` and before `before_seq`: one chunk of a retry or a purge."""
+        """(seq, id) of up to `limit` jobs that `where` takes, oldest first, created after
+        `after_seq` and before `before_seq`: one chunk of a bulk retry or purge."""
         self.write()
-        where, params = _filters(
-            DEAD_LETTERS, task, None, error_type, None, finished_before, before_seq
-        )
-        query = f"SELECT seq, id FROM jobs WHERE {where} AND seq > ? ORDER BY seq LIMIT ?"
+        clause, params = where.where(before_seq)
+        query = f"SELECT seq, id FROM jobs WHERE {clause} AND seq > ? ORDER BY seq LIMIT ?"
         return [(row[0], row[1]) for row in self._db.execute(query, (*params, after_seq, limit))]
 
-    def count(
-        self,
-        statuses: Collection[JobStatus] = (),
-        task: str | None = None,
-        error_type: str | None = None,
-        finished_before: float | None = None,
-    ) -> int:
-        """How many jobs match (the filters of `page`)."""
+    def count(self, where: JobFilter = EVERY_JOB) -> int:
+        """How many jobs `where` takes."""
         self.write()
-        where, params = _filters(
-            statuses, task, None, error_type, None, finished_before, self._next_seq
-        )
+        clause, params = where.where(self._next_seq)
         return int(
-            self._db.execute(f"SELECT count(*) FROM jobs WHERE {where}", params).fetchone()[0]
+            self._db.execute(f"SELECT count(*) FROM jobs WHERE {clause}", params).fetchone()[0]
         )
 
     def by_queue(self, statuses: Collection[JobStatus]) -> dict[tuple[str, JobStatus], int]:
@@ -704,39 +714,6 @@ def _add_queues(db: sqlite3.Connection) -> None:
             "UPDATE jobs SET queue = json_extract(state, '$.queue'),"
             " error_type = json_extract(state, '$.error.type')"
         )
-
-
-def _filters(
-    statuses: Collection[JobStatus],
-    task: str | None,
-    owner: str | None,
-    error_type: str | None,
-    finished_after: float | None,
-    finished_before: float | None,
-    before_seq: int,
-) -> tuple[str, list[Any]]:
-    """The WHERE clause (and its parameters) of jobs created before `before_seq` that match."""
-    where: list[str] = ["seq < ?"]
-    params: list[Any] = [before_seq]
-    if owner is not None:
-        where.append("owner = ?")
-        params.append(owner)
-    if statuses:
-        where.append(f"status IN ({', '.join('?' * len(statuses))})")
-        params += [status.value for status in statuses]
-    if task is not None:
-        where.append("task = ?")
-        params.append(task)
-    if error_type is not None:
-        where.append("error_type = ?")
-        params.append(error_type)
-    if finished_after is not None:
-        where.append("finished_at >= ?")
-        params.append(finished_after)
-    if finished_before is not None:
-        where.append("finished_at < ?")
-        params.append(finished_before)
-    return " AND ".join(where), params
 
 
 def scoped_key(owner: str | None, key: str) -> str:

@@ -23,6 +23,7 @@ from aioqueue.errors import (
     UnsupportedMediaType,
 )
 from aioqueue.jobs import Job, JobStatus
+from aioqueue.store import JobFilter
 from aioqueue.submission import RFC3339_EXPECTED, parse_time
 from aioqueue.topics import check_topic
 from aioqueue.web.problems import problem, problems
@@ -181,15 +182,8 @@ async def list_jobs(request: web.Request) -> web.StreamResponse:
     if errors:
         raise InvalidRequest("invalid query parameters", errors)
     most = state.settings.http.max_list_bytes
-    page = jobs.page(
-        statuses,
-        query.get("task"),
-        limit,
-        query.get("cursor"),
-        owner,
-        error_type=query.get("error_type"),
-        **times,
-    )
+    where = JobFilter(statuses, query.get("task"), owner, query.get("error_type"), **times)
+    page = jobs.page(where, limit, query.get("cursor"))
     with contextlib.closing(page):
         # Only `jobs:admin` (or anyone, with auth off) sees every job, and tracebacks.
         body = list_body(page, most, tracebacks=owner is None)
