@@ -146,6 +146,15 @@ async def serve_in_process(
     return client
 
 
+async def client_ready(client: InProcess, deadline: float = 30.0) -> InProcess:
+    """An in-process application's test client, once its /readyz answers 200."""
+    end = time.monotonic() + deadline
+    while (await client.get("/readyz")).status != 200:
+        assert time.monotonic() < end, "not ready in time"
+        await asyncio.sleep(0.01)
+    return client
+
+
 async def wait_ready(session: aiohttp.ClientSession, url: str, deadline: float = 30.0) -> None:
     end = time.monotonic() + deadline
     last = ""

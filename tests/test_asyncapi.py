@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, get_args
@@ -27,6 +26,7 @@ from aioqueue.web.protocol import ERRORS, JOB_EVENTS, ErrorCode
 from aioqueue.web.topichub import offset_expired
 from aioqueue.web.ws import OPS
 from tests.e2e.openapi_app import app as served_app
+from tests.support import client_ready
 
 Client = TestClient[web.Request, web.Application]
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,18 +183,11 @@ async def receive(ws: Any) -> dict[str, Any]:
     return dict(orjson.loads(message.data))
 
 
-async def wait_ready(client: Client, deadline: float = 30.0) -> None:
-    end = time.monotonic() + deadline
-    while (await client.get("/readyz")).status != 200:
-        assert time.monotonic() < end, "not ready in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_the_frames_of_a_session_are_valid_by_their_messages(client: Client) -> None:
     """A session that gets every reply, a job's frames up to `succeeded`, a topic message and most
     error codes: each frame is valid by the payload of the message its `type` names, and has no
     field that payload does not describe."""
-    await wait_ready(client)
+    await client_ready(client)
     document = await fetch(client)
     ws = await client.ws_connect("/v1/ws")
     frames: list[dict[str, Any]] = []
@@ -262,7 +255,7 @@ async def test_the_frames_of_jobs_star_and_queues_are_valid_by_their_messages(
     """`jobs:*` gets a job submitted over HTTP, every event of it with its channel, and `queues`
     the report at once and again a tick later; each frame valid by its message, with no field
     it does not describe."""
-    await wait_ready(client)
+    await client_ready(client)
     document = await fetch(client)
     ws = await client.ws_connect("/v1/ws")
     for channel in ("jobs:*", "queues"):

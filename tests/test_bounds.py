@@ -10,7 +10,6 @@ broker's dead letters, and a log entry. The issue's own probe, against a served 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from aioqueue.storefile import StoreFile
 from aioqueue.web.app import create_app
 from aioqueue.web.handlers import list_body
 from aioqueue.web.state import STATE
+from tests.support import client_ready
 from tests.test_store import Clock, spec
 
 pytestmark = pytest.mark.timeout(30)
@@ -295,10 +295,7 @@ def serve(
             store=StoreSettings(dir=str(tmp_path), max_bytes=bounds.get("store", 2**30)),
         )
         client = await aiohttp_client(create_app(app, settings))
-        deadline = time.monotonic() + 30
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
+        await client_ready(client)
         return client
 
     return start

@@ -28,7 +28,15 @@ from aioqueue.queues import WINDOW, Rates
 from aioqueue.service import Service
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
-from tests.support import ROOT, ServeProcess, eventually, submit, wait_ready, wait_terminal
+from tests.support import (
+    ROOT,
+    ServeProcess,
+    client_ready,
+    eventually,
+    submit,
+    wait_ready,
+    wait_terminal,
+)
 
 Client = TestClient[web.Request, web.Application]
 T = TypeVar("T")
@@ -81,10 +89,7 @@ def serve(
         client = await aiohttp_client(
             create_app(make_app(), settings(broker_url, prefix, tmp_path, **dead))
         )
-        deadline = time.monotonic() + 30
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
+        await client_ready(client)
         return client
 
     return start

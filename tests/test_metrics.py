@@ -40,6 +40,7 @@ from aioqueue.service import Service
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
 from tests.rabbitmq import RabbitNode
+from tests.support import client_ready
 
 Client = TestClient[web.Request, web.Application]
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -147,10 +148,7 @@ def serve(
             **sections,
         )
         client = await aiohttp_client(create_app(make_app(gates), settings))
-        deadline = time.monotonic() + 30
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
+        await client_ready(client)
         return client
 
     return start
@@ -397,10 +395,7 @@ async def test_under_mount_only_aioqueues_own_routes_are_counted(
     client = await aiohttp_client(web_app)
     await client.get("/hello")
     await client.get("/missing")
-    deadline = time.monotonic() + 10
-    while (await client.get("/readyz")).status != 200:
-        assert time.monotonic() < deadline, "not ready in time"
-        await asyncio.sleep(0.01)
+    await client_ready(client, 10)
     job = await submit(client, {"task": "late"})
     await finished(client, job["id"])
     samples = await scrape(client)

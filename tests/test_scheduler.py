@@ -84,6 +84,16 @@ def scheduler(
     return Scheduler(schedules, submits, barrier or no_wait, record)
 
 
+async def lead_until(runner: Scheduler, submits: Submits, count: int, within: float = 3.0) -> None:
+    """Lead until the runner has submitted `count` ticks (or fail after `within` s), then close
+    it."""
+    runner.on_leader_change(True)
+    try:
+        await eventually(lambda: len(submits.keys) >= count, within)
+    finally:
+        await runner.close()
+
+
 def consecutive(ticks: list[int], period: int) -> bool:
     return all(b - a == period for a, b in itertools.pairwise(ticks))
 
@@ -92,11 +102,7 @@ async def test_a_new_schedule_starts_with_the_next_tick_and_misses_none() -> Non
     submits = Submits()
     runner = scheduler(submits, Record())
     started = now_ms()
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 5, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 5)
     ticks = submits.ticks()
     assert started < ticks[0] <= started + 100  # the first tick after it began to lead
     assert consecutive(ticks, 100), ticks
@@ -113,11 +119,7 @@ async def test_a_new_leader_reads_the_log_to_its_end_before_it_submits() -> None
             raise BrokerUnavailable("the broker is away")
 
     runner = scheduler(submits, Record(), barrier=barrier)
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 1, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 1)
     assert order == ["barrier after 0 submits"] * 3
 
 
@@ -127,11 +129,7 @@ async def test_ticks_missed_by_a_failover_are_each_submitted_late_then_on_time()
     submits = Submits()
     last = now_ms() // 100 * 100 - 2_000
     runner = scheduler(submits, Record(beat=last))
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 25, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 25)
     ticks = submits.ticks()
     assert ticks[0] == last + 100
     assert consecutive(ticks, 100), ticks
@@ -144,11 +142,7 @@ async def test_ticks_missed_past_grace_follow_the_catch_up_policy(catch_up: str)
     beat = Periodic("beat", Every.of(0.5), catch_up)  # type: ignore[arg-type]
     runner = scheduler(submits, Record(beat=now_ms() // 500 * 500 - 600_000), beat)
     began = now_ms()
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 3, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 3)
     ticks = submits.ticks()
     if catch_up == "once":
         # The latest tick due, at once: one job for the ten minutes.
@@ -165,11 +159,7 @@ async def test_a_tick_whose_submit_fails_is_tried_again_and_none_is_missed(
     submits = Submits()
     submits.failures = [BrokerUnavailable("no confirm in time")] * 4
     runner = scheduler(submits, Record())
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 8, 5)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 8, within=5)
     # The first tick was tried five times (0.05 + 0.1 + 0.2 + 0.4 s of back-off), then it and
     # the ticks that came due meanwhile went through, in order.
     assert [key for _, key, _ in submits.calls[:5]] == [submits.keys[0]] * 5
@@ -180,11 +170,7 @@ async def test_a_tick_that_can_never_be_submitted_is_passed_over() -> None:
     submits = Submits()
     submits.failures = [Conflict("idempotency key used for another request")]
     runner = scheduler(submits, Record())
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 2, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 2)
     refused = submits.calls[0][1]
     assert refused is not None and refused not in submits.keys
     assert submits.ticks()[0] == parse_tick(refused.removeprefix("periodic:beat:")) + 100  # type: ignore[operator]
@@ -203,11 +189,7 @@ async def test_a_process_that_no_longer_leads_submits_nothing_more() -> None:
     assert runner.describe()[0]["leader"] is False
     # Leading again, it goes on from the latest tick the log holds, not from its own memory.
     record.ticks["beat"] = submits.ticks()[-1]
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= count + 4, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, count + 4)
     assert consecutive(submits.ticks(), 100)
 
 
@@ -226,11 +208,7 @@ async def test_each_schedule_runs_on_its_own() -> None:
         return None
 
     runner = Scheduler({"fast": fast, "stuck": slow}, submit_once, no_wait, Record())
-    runner.on_leader_change(True)
-    try:
-        await eventually(lambda: len(submits.keys) >= 5, 3)
-    finally:
-        await runner.close()
+    await lead_until(runner, submits, 5)
     assert consecutive(submits.ticks("fast"), 100)
 
 

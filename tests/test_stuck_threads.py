@@ -27,7 +27,7 @@ from aioqueue.jobs import Job, JobStatus
 from aioqueue.service import Service
 from aioqueue.web.app import create_app
 from aioqueue.web.state import STATE
-from tests.support import eventually
+from tests.support import client_ready, eventually
 
 Client = TestClient[web.Request, web.Application]
 Serve = Callable[..., Awaitable[Client]]
@@ -74,10 +74,7 @@ def serve(
             store=StoreSettings(dir=str(tmp_path)),
         )
         client = await aiohttp_client(create_app(app, settings))
-        deadline = time.monotonic() + 30
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
+        await client_ready(client)
         return client
 
     return start

@@ -20,7 +20,7 @@ from aioqueue.config import BrokerSettings, StoreSettings, TopicsSettings, WsSet
 from aioqueue.web.app import create_app
 from aioqueue.web.problems import problem_middleware
 from aioqueue.web.state import STATE
-from tests.support import eventually
+from tests.support import client_ready, eventually
 
 Client = TestClient[web.Request, web.Application]
 JSON = {"Content-Type": "application/json"}
@@ -60,10 +60,7 @@ def serve(
         web_app = web.Application(middlewares=[problem_middleware])
         make_app().mount(web_app, settings)  # as create_app does, and App.publish works too
         client = await aiohttp_client(web_app)
-        deadline = time.monotonic() + 30
-        while (await client.get("/readyz")).status != 200:
-            assert time.monotonic() < deadline, "not ready in time"
-            await asyncio.sleep(0.01)
+        await client_ready(client)
         return client
 
     return start
