@@ -24,7 +24,7 @@ from aioqueue.web.app import create_app
 from aioqueue.web.asyncapi import OPS_DESCRIBED
 from aioqueue.web.protocol import ERRORS, JOB_EVENTS, ErrorCode
 from aioqueue.web.topichub import offset_expired
-from aioqueue.web.ws import OPS
+from aioqueue.web.ws import CODES_BY_ERROR, OPS
 from tests.e2e.openapi_app import app as served_app
 from tests.support import client_ready
 
@@ -167,6 +167,7 @@ def test_the_error_codes_sent_are_the_table() -> None:
         # A code written any other way would be missed above: there is none.
         assert not re.findall(r'"code":\s*"', source), name
     assert len(sent) >= 10  # the patterns still find them
+    sent |= set(CODES_BY_ERROR.values())  # the service's refusals, by their type
     assert sent == set(ERRORS)
 
 

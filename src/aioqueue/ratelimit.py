@@ -56,6 +56,3 @@ class Buckets:
         self._buckets = {k: b for k, b in self._buckets.items() if not b.full(now)}
         # Amortised: what is left in use doubles the threshold, so pruning stays linear.
         self._prune_at = max(1024, 2 * len(self._buckets))
-
-    def __len__(self) -> int:
-        return len(self._buckets)

@@ -50,15 +50,25 @@ def host_allowed(host_header: str, http: HttpSettings) -> bool:
         return False
     if not host:
         return False
-    allowed = http.allowed_hosts
-    if not allowed:
-        return not is_loopback(http.host) or is_loopback(host)
-    return any(
-        entry == "*"
-        or host == entry.lower()
-        or (entry.startswith(".") and (host.endswith(entry.lower()) or host == entry[1:].lower()))
-        for entry in allowed
-    )
+    if not http.allowed_hosts:
+        return not _bound_to_loopback(http.host) or is_loopback(host)
+    anyone, names, suffixes = _host_rules(http.allowed_hosts)
+    return anyone or host in names or host.endswith(suffixes)
+
+
+@functools.cache
+def _bound_to_loopback(bind: str) -> bool:
+    """`is_loopback` of the configured address: once, not per request."""
+    return is_loopback(bind)
+
+
+@functools.cache
+def _host_rules(allowed: tuple[str, ...]) -> tuple[bool, frozenset[str], tuple[str, ...]]:
+    """`http.allowed_hosts` as (any host, the names, the suffixes of subdomains): once, not per
+    request. `.example.com` is the name `example.com` and the suffix `.example.com`."""
+    lowered = [entry.lower() for entry in allowed]
+    names = {entry.removeprefix(".") for entry in lowered}
+    return "*" in lowered, frozenset(names), tuple(e for e in lowered if e.startswith("."))
 
 
 @web.middleware

@@ -60,11 +60,11 @@ class Connection:
         send_buffer: int,
         publishes_per_second: int,
         transport: asyncio.Transport | None,
-        tally: WsTally | None = None,
+        tally: WsTally,
     ) -> None:
         self.ws = ws
         #: Where frames and closes are counted (the served application's metrics).
-        self._tally = tally if tally is not None else WsTally()
+        self._tally = tally
         # Frames are written straight to the transport only when they need no compression
         # (permessage-deflate keeps a context per connection, in aiohttp's writer).
         self._transport = None if ws.compress else transport

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -95,6 +96,8 @@ class ConnectionGuard:
 
     def __init__(self, server: web.Server, *, header_timeout: float, max_connections: int) -> None:
         self.server = server
+        #: What `web.Server()` passes its handlers (None in an aiohttp without it).
+        self._handler_kwargs: dict[str, Any] | None = getattr(server, "_kwargs", None)
         self.header_timeout: float | None = header_timeout
         if not _NEEDS.issubset(getattr(RequestHandler, "__slots__", ())):
             logger.warning("this aiohttp's RequestHandler changed: http.header_timeout is off")
@@ -118,10 +121,9 @@ class ConnectionGuard:
 
     def handler(self) -> RequestHandler:
         """What `web.Server()` makes (web_server.py, `Server.__call__`), as a ProblemHandler."""
-        kwargs = getattr(self.server, "_kwargs", None)
-        if kwargs is None:  # another aiohttp: its own handler, and its text/plain 400s
+        if self._handler_kwargs is None:  # another aiohttp: its handler, its text/plain 400s
             return self.server()
-        return ProblemHandler(self.server, loop=self.loop, **kwargs)
+        return ProblemHandler(self.server, loop=self.loop, **self._handler_kwargs)
 
     def refused(self) -> None:
         self._refused.add()

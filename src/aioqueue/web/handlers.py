@@ -16,7 +16,6 @@ from aioqueue.auth import Principal
 from aioqueue.deadletters import parse_filter
 from aioqueue.errors import (
     FieldError,
-    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     RequestTimeout,
@@ -309,10 +308,9 @@ async def list_schedules(request: web.Request) -> web.StreamResponse:
     """The periodic schedules, and whether this process is the one that submits their ticks
     (`leader`: the same for every schedule, and true on one process at a time)."""
     state = request.app[STATE]
-    if not state.caller(request).sees_everything:
-        raise Forbidden("the schedules need the scope jobs:admin")
+    state.caller(request).check_admin("the schedules")
     _check_query(request.query, set())
-    return json_response({"schedules": state.service_running().schedules()})
+    return json_response({"schedules": state.built().schedules()})
 
 
 @problems

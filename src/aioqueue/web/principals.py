@@ -65,11 +65,11 @@ class Limits:
 
     def forget(self, name: str | None, conn: Connection) -> None:
         """`conn` is no longer one of `name`'s websockets (it closed)."""
-        mine = self.connections.get(name or "")  # no principal has the name "" (config.py)
-        if mine is not None:
-            mine.discard(conn)
-            if not mine:
-                del self.connections[name or ""]
+        if name is None or (mine := self.connections.get(name)) is None:
+            return
+        mine.discard(conn)
+        if not mine:
+            del self.connections[name]
 
     def subscriptions_left(self, who: Principal) -> int | None:
         """How many more channels `who` may subscribe to over all its websockets; None: no

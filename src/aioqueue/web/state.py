@@ -67,12 +67,6 @@ class State:
         """The producer side of the service."""
         return self.built().jobs
 
-    def service_running(self) -> Service:
-        """The service; NotReady (503) before it is built."""
-        if self.service is None:
-            raise NotReady("starting")
-        return self.service
-
     def topics(self) -> Topics:
         return self.built().topics
 

@@ -241,8 +241,8 @@ async def _on_frame(state: State, conn: Connection, data: str) -> None:
     except RateLimited as exc:
         wait = round(exc.retry_after, 3)
         _send(conn, _error("rate_limited", str(exc), retry_after=wait), frame_id)
-    except RequestError as exc:  # the policy's refusals (auth.py)
-        _send(conn, _error(_CODES.get(type(exc), "bad_frame"), exc.detail), frame_id)
+    except RequestError as exc:  # the policy's refusals (auth.py), and those of the service
+        _send(conn, _error(CODES_BY_ERROR.get(type(exc), "bad_frame"), exc.detail), frame_id)
 
 
 def _frame_id(frame: dict[str, Any]) -> Any:
@@ -272,12 +272,15 @@ def _shown(op: Any) -> str:
     return repr(op)
 
 
-#: The frame code of each refusal of the access policy (`Principal.check_*`).
-_CODES: dict[type[RequestError], ErrorCode] = {
+#: The frame code of each refusal, of the access policy (`Principal.check_*`) or the service;
+#: any other RequestError is a bad_frame.
+CODES_BY_ERROR: dict[type[RequestError], ErrorCode] = {
     Unauthorized: "unauthorized",
     TokenExpired: "token_expired",
     Forbidden: "forbidden",
     NotFound: "not_found",
+    Conflict: "conflict",
+    PayloadTooLarge: "too_large",
 }
 
 
@@ -407,12 +410,6 @@ async def _submit(state: State, conn: Connection, frame: dict[str, Any]) -> list
     except InvalidRequest as exc:
         errors = [error.to_dict() for error in exc.errors]
         raise FrameError("invalid_job", exc.detail, errors=errors) from None
-    except NotFound as exc:
-        raise FrameError("not_found", exc.detail) from None
-    except Conflict as exc:
-        raise FrameError("conflict", exc.detail) from None
-    except PayloadTooLarge as exc:
-        raise FrameError("too_large", exc.detail) from None
     # `created`: False for a repeated idempotency key, whose first job this is (HTTP's 200).
     record = job.to_dict(traceback=who.sees_everything)
     return [{"type": "submitted", "job": record, "created": created}]
@@ -462,14 +459,9 @@ async def _publish(state: State, conn: Connection, frame: dict[str, Any]) -> lis
         )
     who = _principal(conn)
     state.limits.check_write(who)
-    try:
-        check_topic(topic)
-        who.check_publish(topic)
-        offset = await state.topics().publish(topic, frame["data"])
-    except InvalidRequest as exc:
-        raise FrameError("bad_frame", exc.detail) from None
-    except PayloadTooLarge as exc:
-        raise FrameError("too_large", exc.detail) from None
+    check_topic(topic)  # InvalidRequest: a bad_frame (`_on_frame`)
+    who.check_publish(topic)
+    offset = await state.topics().publish(topic, frame["data"])
     return [{"type": "published", "topic": topic, "offset": offset}]
 
 
