@@ -200,9 +200,9 @@ class DeadLetters:
                 removed = await self._broker.purge_dead_letters()
             else:
                 removed = await self._broker.drop_dead_letters(self._of_matching_job(flt))
-            purged = 0
+            purged, matching = 0, flt.jobs
             for ids in self._chunks(flt):
-                jobs = [job for job in map(self._store.get, ids) if job and flt.jobs.matches(job)]
+                jobs = [job for job in map(self._store.get, ids) if job and matching.matches(job)]
                 if jobs:  # (an append of nothing would be a barrier)
                     await self._log.append(*(Purged(job.id, job.run) for job in jobs))
                 purged += sum(self._store.get(job.id) is None for job in jobs)
@@ -215,12 +215,14 @@ class DeadLetters:
             return purged, removed
 
     def _of_matching_job(self, flt: DeadFilter) -> Callable[[bytes], bool]:
+        matching = flt.jobs
+
         def drop(body: bytes) -> bool:
             try:
                 job_id = orjson.loads(body).get("id")
             except (orjson.JSONDecodeError, AttributeError):
                 return False  # not a job's message: kept for an operator to read
             job = self._store.get(job_id) if isinstance(job_id, str) else None
-            return job is not None and flt.jobs.matches(job)
+            return job is not None and matching.matches(job)
 
         return drop

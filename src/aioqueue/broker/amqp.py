@@ -36,7 +36,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
 from typing import Any
 
 import aio_pika
@@ -47,6 +47,7 @@ from aiormq.abc import DeliveredMessage
 
 from aioqueue.broker import amqp_dead
 from aioqueue.broker.amqp_leader import AmqpLeader
+from aioqueue.broker.amqp_settle import settle
 from aioqueue.broker.amqp_topics import SKIPPED_PER_SEGMENT, AmqpTopics
 from aioqueue.broker.base import (
     PRIORITY_BANDS,
@@ -81,17 +82,14 @@ TOPICS_PREFETCH = 1000
 LOG_ACK_IDLE = 1.0
 KIND_HEADER = "aq-kind"
 RECONNECT_DELAY_MAX = 5.0
-#: Seconds an ack or a nack may take to be written before it is given up.
-SETTLE_TIMEOUT = 1.0
 #: Quorum queues have no message priorities (RabbitMQ 3.10), so a queue is one quorum queue per
 #: band, named and routed with these suffixes: priorities 0-3, 4-6 and 7-9
 #: (`base.PRIORITY_BANDS`). Each band has its own consumer; the process starts what they hand it
 #: by exact priority (gate.py).
 BAND_SUFFIXES = ("", ".p4", ".p7")
-#: Seconds `inspect()` may take in all (a passive declare per band, and a look at the log).
-INSPECT_TIMEOUT = 2.0
-#: Seconds the passive declares of `queue_stats` and `dead_letter_count` may take in all.
-STATS_TIMEOUT = 2.0
+#: Seconds an operation on a channel of its own may take in all: `inspect()` (a passive declare
+#: per band, and a look at the log), `queue_stats`, `dead_letter_count`, a purge.
+OWN_CHANNEL_TIMEOUT = 2.0
 #: Seconds a sweep of the dead-letter queue may take, and may wait for another process's.
 SWEEP_TIMEOUT = 120.0
 SWEEP_LOCK_WAIT = 30.0
@@ -154,20 +152,10 @@ class AmqpDelivery(Delivery):
     async def ack(self) -> None:
         # On a closed channel the ack cannot happen; the broker redelivers the message, and
         # the store then finds its outcome recorded.
-        await _bounded(self._channel.basic_ack(self._tag, wait=False))
+        await settle(self._channel.basic_ack(self._tag, wait=False))
 
     async def requeue(self) -> None:
-        await _bounded(self._channel.basic_nack(self._tag, requeue=True, wait=False))
-
-
-async def _bounded(settle: Awaitable[None]) -> None:
-    """An ack or a nack, which may fail or, worse, hang: on the channel of a connection given
-    up for dead (a frozen broker), aiormq's bounded write queue never drains. A delivery whose
-    ack hangs would hold its slot in the runner for ever, and no job of its queue would start.
-    Either way the broker redelivers the message, and the store finds its outcome recorded."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(SETTLE_TIMEOUT):
-            await settle
+        await settle(self._channel.basic_nack(self._tag, requeue=True, wait=False))
 
 
 class StreamCredit:
@@ -200,7 +188,7 @@ class StreamCredit:
     async def _ack(self) -> None:
         if self._unacked:
             self._unacked = 0
-            await _bounded(self._channel.basic_ack(self._last_tag, multiple=True, wait=False))
+            await settle(self._channel.basic_ack(self._last_tag, multiple=True, wait=False))
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -280,8 +268,6 @@ class AmqpBroker(Broker):
     ) -> None:
         self._settings = settings
         self._metrics = metrics if metrics is not None else Metrics()
-        #: Sessions that got as far as attaching every consumer: all but the first are reconnects.
-        self._sessions_up = 0
         self._dead = dead or DeadSettings()
         self.topics = AmqpTopics(settings, topics or TopicsSettings(), self._publish_topic_message)
         self._log_max_bytes = log_max_bytes
@@ -396,10 +382,9 @@ class AmqpBroker(Broker):
             if self.leader.wanted and self._consuming:
                 await self._attach_leader(session)
         self._problem = None
-        self._connected.set()
-        self._sessions_up += 1
-        if self._sessions_up > 1:
+        if self._connected.is_set():  # it is never cleared: this session is not the first
             self._metrics.broker_reconnects.inc()
+        self._connected.set()
         logger.info("connected to RabbitMQ at %s", connection.url.host)
         await session.lost.wait()
         self._problem = session.why or "connection to RabbitMQ lost; reconnecting"
@@ -716,29 +701,21 @@ class AmqpBroker(Broker):
     async def inspect(self) -> Inspection:
         """Passive declares of each band's queue, and the event log's newest chunk, on a channel
         of their own: a queue deleted under it closes that channel, not the session's."""
-        session = self._session
-        if session is None or not self.connected:
+        if not self.connected:
             raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
-        with translate_errors("inspect"):
-            async with asyncio.timeout(INSPECT_TIMEOUT):
-                opened = await session.connection.channel(publisher_confirms=False)
-                try:
-                    channel = await opened.get_underlay_channel()
-                    bands = await self._bands(channel)
-                    head = await self._log_head(channel)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await opened.close()
+        async with self._own_channel("inspect") as channel:
+            bands = await self._bands(channel)
+            head = await self._log_head(channel)
         return Inspection(bands, head)
 
     async def _bands(self, channel: RawChannel) -> tuple[QueueBand, ...]:
         bands = []
         for queue in sorted(self._queues):
-            for band_name, name in zip(PRIORITY_BANDS, self.queue_names(queue), strict=True):
-                ok = await channel.queue_declare(name, passive=True)
-                bands.append(
-                    QueueBand(queue, band_name, ok.message_count or 0, ok.consumer_count or 0)
-                )
+            declared = await _declared(channel, self.queue_names(queue))
+            bands += [
+                QueueBand(queue, band_name, ready, consumers)
+                for band_name, (ready, consumers) in zip(PRIORITY_BANDS, declared, strict=True)
+            ]
         return tuple(bands)
 
     async def _log_head(self, channel: RawChannel) -> int | None:
@@ -758,7 +735,7 @@ class AmqpBroker(Broker):
         ok = await channel.basic_consume(name, on_message, arguments={"x-stream-offset": "last"})
         try:
             # The delivery comes at once if there is any; an empty log delivers nothing.
-            async with asyncio.timeout(INSPECT_TIMEOUT / 4):
+            async with asyncio.timeout(OWN_CHANNEL_TIMEOUT / 4):
                 return await first
         except TimeoutError:
             return None
@@ -801,7 +778,6 @@ class AmqpBroker(Broker):
             confirming = asyncio.ensure_future(
                 session.exchanges[exchange].publish(message, routing_key)
             )
-            confirming.add_done_callback(_retrieve)
             # Every confirm, also one that comes after its caller stopped waiting: the slow
             # ones are what the histogram is for.
             confirming.add_done_callback(functools.partial(self._confirmed, time.monotonic()))
@@ -862,32 +838,31 @@ class AmqpBroker(Broker):
     # Operations -------------------------------------------------------------------------------
 
     async def queue_stats(self, queue: str) -> list[BandStats]:
-        declared = await self._passive(self.queue_names(queue))
+        async with self._own_channel("queue statistics") as channel:
+            declared = await _declared(channel, self.queue_names(queue))
         return [BandStats(messages, consumers) for messages, consumers in declared]
 
     async def dead_letter_count(self) -> int:
-        [(messages, _)] = await self._passive([self.names["dlq"]])
+        async with self._own_channel("queue statistics") as channel:
+            [(messages, _)] = await _declared(channel, [self.names["dlq"]])
         return messages
 
-    async def _passive(self, names: list[str]) -> list[tuple[int, int]]:
-        """(ready messages, consumers) of each queue, on a channel of their own: a passive
-        declare of a queue that is gone closes its channel, never the session's."""
+    @contextlib.asynccontextmanager
+    async def _own_channel(self, action: str) -> AsyncIterator[RawChannel]:
+        """A channel of its own for `action`, all within `OWN_CHANNEL_TIMEOUT`: a passive
+        declare of a queue that is gone closes that channel, never the session's.
+        BrokerUnavailable if there is no connection, or if `action` fails."""
         session = self._session
         if session is None or session.lost.is_set():
             raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
-        with translate_errors("queue statistics"):
-            async with asyncio.timeout(STATS_TIMEOUT):
-                channel = await session.connection.channel()
+        with translate_errors(action):
+            async with asyncio.timeout(OWN_CHANNEL_TIMEOUT):
+                opened = await session.connection.channel(publisher_confirms=False)
                 try:
-                    raw = await channel.get_underlay_channel()
-                    found = []
-                    for name in names:
-                        ok = await raw.queue_declare(name, passive=True)
-                        found.append((int(ok.message_count or 0), int(ok.consumer_count or 0)))
-                    return found
+                    yield await opened.get_underlay_channel()
                 finally:
                     with contextlib.suppress(Exception):
-                        await channel.close()
+                        await opened.close()
 
     async def drop_dead_letters(self, drop: DropFn) -> int:
         with translate_errors("sweep the dead-letter queue"):
@@ -911,23 +886,24 @@ class AmqpBroker(Broker):
                         raise BrokerUnavailable(str(exc)) from None
 
     async def purge_dead_letters(self) -> int:
-        session = self._session
-        if session is None or session.lost.is_set():
-            raise BrokerUnavailable(self._problem or "not connected to RabbitMQ")
-        with translate_errors("purge the dead-letter queue"):
-            async with asyncio.timeout(STATS_TIMEOUT):
-                channel = await session.connection.channel()
-                try:
-                    raw = await channel.get_underlay_channel()
-                    purged = await raw.queue_purge(self.names["dlq"])
-                    return int(purged.message_count or 0)
-                finally:
-                    with contextlib.suppress(Exception):
-                        await channel.close()
+        async with self._own_channel("purge the dead-letter queue") as channel:
+            purged = await channel.queue_purge(self.names["dlq"])
+        return int(purged.message_count or 0)
 
     def _confirmed(self, since: float, confirming: asyncio.Future[Any]) -> None:
+        # Retrieves the exception too: a confirm nobody waits for any more may fail (the
+        # session ended), and that is not an unhandled error.
         if not confirming.cancelled() and confirming.exception() is None:
             self._metrics.broker_confirm_seconds.observe(time.monotonic() - since)
+
+
+async def _declared(channel: RawChannel, names: list[str]) -> list[tuple[int, int]]:
+    """(ready messages, consumers) of each queue, by a passive declare."""
+    found = []
+    for name in names:
+        ok = await channel.queue_declare(name, passive=True)
+        found.append((int(ok.message_count or 0), int(ok.consumer_count or 0)))
+    return found
 
 
 STREAM_KEPT = (
@@ -939,12 +915,6 @@ DLQ_KEPT = (
     " bound (%s): it was declared by an earlier version, unbounded. Read or move its messages,"
     " then delete it (aioqueue declares it again, bounded); see the README's Dead letters"
 )
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A confirm nobody waits for any more may fail (the session ended): not an unhandled error.
-    if not future.cancelled():
-        future.exception()
 
 
 def _quorum(extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import orjson
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
+from aioqueue.broker.amqp_settle import settle
 from aioqueue.broker.base import LeaderHandler
 from aioqueue.errors import BrokerUnavailable
 
@@ -59,9 +60,6 @@ QUEUE_ARGUMENTS: dict[str, Any] = {
 }
 #: The token held, and one more: a fresh or surplus token has to reach the leader to be seen.
 PREFETCH = 2
-#: Seconds an ack, a cancel or a nack may take before it is given up (the channel is likely gone,
-#: and then RabbitMQ requeues the token anyway).
-SETTLE_TIMEOUT = 1.0
 
 #: Publishes a token to the queue; returns once RabbitMQ confirmed it, else BrokerUnavailable.
 PublishToken = Callable[[bytes], Awaitable[None]]
@@ -116,7 +114,7 @@ class AmqpLeader:
         older, self._held = self._held, int(message.delivery.delivery_tag or 0)
         if older is not None:
             # The newest token is kept: it is the one whose consumer_timeout clock is youngest.
-            self._spawn(_settle(message.channel.basic_ack(older)))
+            self._spawn(settle(message.channel.basic_ack(older)))
         if not self.leading:
             self._tell(True)
 
@@ -136,9 +134,9 @@ class AmqpLeader:
             return
         # The consumer first: while it is the active one, a token it gives back comes back to it.
         if tag is not None:
-            await _settle(channel.basic_cancel(tag))
+            await settle(channel.basic_cancel(tag))
         if held is not None:
-            await _settle(channel.basic_nack(held, requeue=True))
+            await settle(channel.basic_nack(held, requeue=True))
 
     async def close(self) -> None:
         self.detach()
@@ -189,11 +187,3 @@ def token() -> bytes:
             "at": time.time(),
         }
     )
-
-
-async def _settle(settle: Awaitable[Any]) -> None:
-    """An ack, a cancel or a nack, which may fail or hang on a channel that is going away; then
-    RabbitMQ requeues the token anyway."""
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(SETTLE_TIMEOUT):
-            await settle
