@@ -214,6 +214,23 @@ async def test_room_is_made_from_the_earliest_finished_jobs_never_from_pending_o
     assert await store.make_room() == 0
 
 
+async def test_room_is_made_past_a_chunk_that_holds_the_job_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job `keep` (one being retried) among the earliest finished: the chunk it is in
+    forgets one job fewer, and eviction goes on to the next chunk all the same."""
+    monkeypatch.setattr(store_module, "EXPIRE_CHUNK", 3)
+    store = JobStore(result_ttl=3600)
+    for n in range(10):
+        store.create(big_spec(n))
+        finish(store, n, 1000.0 + n)  # job0 first
+    store.write()
+    one = stored_bytes(store) // 10
+    store.max_bytes = 4 * one  # to LOW_WATER of it: 7 of the 9 that may go
+    assert await store.make_room(keep="job0") == 7
+    assert store.get("job0") is not None and not store.full()
+
+
 def test_the_cache_of_decoded_jobs_is_bounded_in_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_module, "CACHE_BYTES", 50_000)
     store = JobStore(result_ttl=60)

@@ -600,16 +600,15 @@ class JobStore:
         self.write()
         excess = self._bytes - int(self.max_bytes * LOW_WATER)
         ids: list[str] = []
+        # `keep` is left out by the query: a chunk short of EXPIRE_CHUNK is the last one.
         earliest = self._db.execute(
-            "SELECT id, length(state) FROM jobs WHERE finished_at IS NOT NULL"
+            "SELECT id, length(state) FROM jobs WHERE finished_at IS NOT NULL AND id IS NOT ?"
             " ORDER BY finished_at LIMIT ?",
-            (EXPIRE_CHUNK,),
+            (keep, EXPIRE_CHUNK),
         ).fetchall()
         for job_id, size in earliest:
             if excess <= 0:
                 break
-            if job_id == keep:
-                continue
             ids.append(job_id)
             excess -= size
         if ids:
