@@ -28,7 +28,7 @@ from aioqueue.config import BrokerSettings, HttpSettings, JobsSettings, StoreSet
 from aioqueue.eventlog import MAX_BATCH_BYTES, EventLog
 from aioqueue.events import JobSpec, Progress, Rejected, Started, Succeeded
 from aioqueue.jobs import Job, JobStatus
-from aioqueue.runner import MAX_PROGRESS_MESSAGE, _Hooks, result_error
+from aioqueue.runner import MAX_PROGRESS_MESSAGE, _Hooks, kept_result
 from aioqueue.store import LOW_WATER, JobStore
 from aioqueue.storefile import StoreFile
 from aioqueue.web.app import create_app
@@ -47,14 +47,16 @@ JSON = {"Content-Type": "application/json"}
 
 
 def test_a_result_of_max_result_bytes_is_kept_and_one_byte_more_is_not() -> None:
-    assert result_error("x" * 98, 100) is None  # 100 bytes of JSON, with the quotes
-    error = result_error("x" * 99, 100)
-    assert error is not None and error["type"] == "ResultTooLarge"
+    kept = kept_result("x" * 98, 100)  # 100 bytes of JSON, with the quotes
+    assert orjson.dumps({"result": kept}) == b'{"result":"%s"}' % (b"x" * 98)
+    error = kept_result("x" * 99, 100)
+    assert isinstance(error, dict) and error["type"] == "ResultTooLarge"
     assert "101 bytes of JSON; at most 100" in error["message"]
     assert "jobs.max_result_bytes" in error["message"] and "traceback" not in error
-    assert result_error({"a": [1, 2]}, 11) is None and result_error({"a": [1, 2]}, 10)
-    not_json = result_error({1, 2}, 100)
-    assert not_json is not None and not_json["type"] == "TypeError"
+    assert not isinstance(kept_result({"a": [1, 2]}, 11), dict)
+    assert isinstance(kept_result({"a": [1, 2]}, 10), dict)
+    not_json = kept_result({1, 2}, 100)
+    assert isinstance(not_json, dict) and not_json["type"] == "TypeError"
 
 
 class AppendedLog:

@@ -367,15 +367,15 @@ class Runner:
             error = error_record(exc, message, self._defaults.max_error_bytes)
             await self._failed(task, spec, body, error)
         else:
-            unkept = result_error(result, self._defaults.max_result_bytes)
-            if unkept is None:
-                await self._log.append(Succeeded(job_id, attempt, result))
+            kept = kept_result(result, self._defaults.max_result_bytes)
+            if isinstance(kept, orjson.Fragment):
+                await self._log.append(Succeeded(job_id, attempt, kept))
             else:
                 # The task ran to its end, side effects and all: another attempt would do it
                 # all again to return the same kind of value. So the job fails now, as Celery
                 # fails a task whose result cannot be encoded (EncodeError), whatever is left
                 # of its attempts.
-                await self._failed(task, spec, body, unkept, last=True)
+                await self._failed(task, spec, body, kept, last=True)
         finally:
             self.running.pop(job_id, None)
 
@@ -521,23 +521,23 @@ class Runner:
         return round(delay / resolution) * resolution if resolution else delay
 
 
-def result_error(result: Any, limit: int) -> dict[str, Any] | None:
-    """Why a task's result cannot be kept, as a failed job's error; None if it can: it is JSON,
-    and at most `limit` bytes of it (`jobs.max_result_bytes`: a result is kept for result_ttl,
-    in every process's store). No traceback: the fault is in the value, not in a line of code.
-    """
+def kept_result(result: Any, limit: int) -> orjson.Fragment | dict[str, Any]:
+    """A task's result as the JSON its `succeeded` event carries (encoded once: measured, then
+    logged as it is), or why it cannot be kept, as a failed job's error: it must be JSON, and at
+    most `limit` bytes of it (`jobs.max_result_bytes`: a result is kept for result_ttl, in every
+    process's store). No traceback: the fault is in the value, not in a line of code."""
     try:
-        size = len(orjson.dumps(result))
+        encoded = orjson.dumps(result)
     except TypeError as exc:  # orjson's JSONEncodeError is a TypeError
         message = f"the task returned a value that is not JSON: {exc}"
         return {"type": "TypeError", "message": message}
-    if size > limit:
+    if len(encoded) > limit:
         return {
             "type": "ResultTooLarge",
-            "message": f"the task returned {size} bytes of JSON; at most {limit} are kept"
+            "message": f"the task returned {len(encoded)} bytes of JSON; at most {limit} are kept"
             " (jobs.max_result_bytes): return a reference to the data (a URL, a key), not the data",
         }
-    return None
+    return orjson.Fragment(encoded)
 
 
 def _timeout_message(exc: TimeoutError, spec: JobSpec) -> str:
