@@ -75,6 +75,16 @@ def _pattern(default: str | None, pattern: str, expected: str, *, optional: bool
     return _key(default, str, expected, lambda v: bool(re.fullmatch(pattern, v)), optional)
 
 
+def _choice(default: str, *choices: str) -> Any:
+    named = [repr(choice) for choice in choices]
+    expected = f"expected {', '.join(named[:-1])} or {named[-1]}"
+    return _key(default, str, expected, lambda v: v in choices)
+
+
+def _bool(default: bool) -> Any:
+    return _key(default, bool, "expected true or false", lambda _: True)
+
+
 def _broker_url_ok(url: str) -> bool:
     try:
         parts = urlsplit(url)
@@ -274,17 +284,13 @@ class TopicsSettings:
     max_catch_ups: int = _int(32, 1)  # `since` replays at once per process; more wait their turn
 
 
-def _auth_mode_ok(mode: str) -> bool:
-    return mode in ("none", "token", "jwt")
-
-
 def _optional(expected: str, *, secret: bool = False) -> Any:
     return _key(None, str, expected, bool, optional=True, secret=secret)
 
 
 @dataclass(frozen=True, slots=True)
 class AuthSettings:
-    mode: str = _key("none", str, "expected 'none', 'token' or 'jwt'", _auth_mode_ok)
+    mode: str = _choice("none", "none", "token", "jwt")
     # [{token, principal, scopes}, ...] for mode "token"
     tokens: tuple[dict[str, Any], ...] = _key(
         (), tuple, "expected a list of {token, principal, scopes} tables", _tokens_ok, secret=True
@@ -309,18 +315,18 @@ class AuthSettings:
 class LogSettings:
     # `aioqueue serve`'s log lines: "text" for people, "json" (one object a line, with the
     # job's id, task, attempt and queue on every line about a job) for a log pipeline.
-    format: str = _key("text", str, "expected 'text' or 'json'", lambda v: v in ("text", "json"))
+    format: str = _choice("text", "text", "json")
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
     # GET /metrics needs a principal with jobs:admin (401/403 as the API); else open to all.
-    require_admin: bool = _key(False, bool, "expected true or false", lambda _: True)
+    require_admin: bool = _bool(False)
 
 
 @dataclass(frozen=True, slots=True)
 class DashboardSettings:
-    enabled: bool = _key(True, bool, "expected true or false", lambda _: True)
+    enabled: bool = _bool(True)
     # Where the page is served: an absolute path of letters, digits and `-_.`, not under /v1/.
     path: str = _pattern(
         "/dashboard",

@@ -70,13 +70,13 @@ class JobEvents:
         if topic is None:
             self._warn_once(job, f"its arguments do not make a topic of {template.template!r}")
             return
+        if len(self._in_flight) >= MAX_IN_FLIGHT:  # before the work of encoding it
+            self._warn_once(job, f"{MAX_IN_FLIGHT} publishes are in flight already")
+            return
         try:
             data = self._topics.encode({"event": event, "job": job.to_dict(self._tracebacks)})
         except PayloadTooLarge as exc:
             self._warn_once(job, exc.detail)
-            return
-        if len(self._in_flight) >= MAX_IN_FLIGHT:
-            self._warn_once(job, f"{MAX_IN_FLIGHT} publishes are in flight already")
             return
         task = asyncio.create_task(self._publish(topic, data))
         self._in_flight.add(task)

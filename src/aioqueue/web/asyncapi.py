@@ -22,6 +22,7 @@ from aiohttp import web
 
 from aioqueue import topics
 from aioqueue.web.connection import CLOSE_SLOW, SEND_TIMEOUT
+from aioqueue.web.hub import ALL_JOBS, QUEUES, QUEUES_INTERVAL
 from aioqueue.web.openapi import OFFSET, TOPIC_NAME, package_version, schemas, submit_body
 from aioqueue.web.problems import problems
 from aioqueue.web.protocol import ERRORS, JOB_EVENTS
@@ -317,7 +318,7 @@ def _channels() -> dict[str, Any]:
             "messages": _refs("messages", ["job"]),
         },
         "allJobs": {
-            "address": "jobs:*",
+            "address": ALL_JOBS,
             "title": "Every job's events",
             "description": "Subscribed to with `subscribe`; with auth on, only by a principal"
             " with `jobs:admin` (else an error `forbidden`). No snapshot: list the jobs"
@@ -326,10 +327,11 @@ def _channels() -> dict[str, Any]:
             "messages": _refs("messages", ["job"]),
         },
         "queues": {
-            "address": "queues",
-            "title": "The queues' report, every 2 s",
+            "address": QUEUES,
+            "title": f"The queues' report, every {QUEUES_INTERVAL:g} s",
             "description": "Subscribed to with `subscribe` (with auth on, by `jobs:admin` only):"
-            " the report of `GET /v1/queues` at once, then every 2 s, made once for all the"
+            f" the report of `GET /v1/queues` at once, then every {QUEUES_INTERVAL:g} s, made once"
+            " for all the"
             " subscribers; a slow reader gets only the newest. None while the broker is away.",
             "messages": _refs("messages", ["queues"]),
         },
@@ -380,7 +382,7 @@ def _operations() -> dict[str, Any]:
     operations["queueReports"] = {
         "action": "send",
         "channel": {"$ref": "#/channels/queues"},
-        "summary": "The queues' report, every 2 s",
+        "summary": f"The queues' report, every {QUEUES_INTERVAL:g} s",
         "messages": _in("queues", "queues"),
     }
     operations["topicMessages"] = {

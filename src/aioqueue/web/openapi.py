@@ -24,6 +24,7 @@ from aioqueue.broker.base import PRIORITY_BANDS
 from aioqueue.jobs import JobStatus
 from aioqueue.runner import MAX_PROGRESS_MESSAGE
 from aioqueue.tasks import PRIORITIES
+from aioqueue.web.dashboard import ASSETS
 from aioqueue.web.handlers import MAX_LIMIT, MAX_WAIT
 from aioqueue.web.problems import problems
 from aioqueue.web.state import STATE, State
@@ -878,7 +879,10 @@ def _dashboard_paths(path: str) -> dict[str, Any]:
                         "name": "asset",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string", "enum": ["app.js", "style.css"]},
+                        "schema": {
+                            "type": "string",
+                            "enum": [a for a in ASSETS if a != "index.html"],
+                        },
                     }
                 ],
                 "responses": {
