@@ -67,6 +67,16 @@ async def fail_then_succeed(ctx: Context, failures: int = 1) -> int:
     return ctx.attempt
 
 
+@app.task(max_attempts=1)
+def fails_until(ctx: SyncContext, flag: str) -> str:
+    """Fails until the file `flag` exists: dead letters, to retry once it does."""
+    healed = os.path.exists(flag)
+    _record(ctx, "ok" if healed else "failed")
+    if not healed:
+        raise RuntimeError("not healed yet")
+    return "ok"
+
+
 @app.task(max_attempts=1, timeout=0.3)
 async def sleeper(seconds: float) -> str:
     await asyncio.sleep(seconds)
